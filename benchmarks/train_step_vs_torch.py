@@ -1,0 +1,223 @@
+"""VGG-16-BN train step: deeper_jax (jitted, donated state) vs PyTorch, same work, one run.
+
+One step = forward + backward + SGD-momentum update of VGG-16-BN (config D, BatchNorm,
+fc6 → ReLU → Dropout(0.5) → fc7 as in deeper_jax) plus a 1000-way linear head on
+ReLU(fc7), cross-entropy against random labels. Both sides: the same layer table, the
+same init (He fan-out convs, N(0, 0.01) linears), SGD lr 0.01 momentum 0.9 with
+coupled weight decay 1e-5, mean/std normalisation inside the model, float32.
+
+PyTorch's model is defined here with plain ``torch.nn`` (torchvision cannot be installed
+beside torch 2.13.0); it is measured both NCHW and channels_last and the faster is the
+reference. Threads: torch.set_num_threads(N) and XLA's CPU pool both use the N cores of
+this process's affinity mask (``taskset -c 0 python ...`` gives 1 thread to both).
+Timing: warmup steps, then ``--repeats`` rounds that time ``--steps`` steps of every
+side in turn (interleaved), so background load hits all sides alike; medians reported.
+
+  python benchmarks/train_step_vs_torch.py --json /tmp/train_step.json
+  python benchmarks/train_step_vs_torch.py --sizes 112 --jax-variants xla,patches
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import numpy as np
+
+NUM_CLASSES = 1000
+LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 1e-5
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+VGG16 = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
+
+
+# ----------------------------------------------------------------------------- JAX side
+def jax_step(variant: str, batch: int, size: int):
+  """(step, state, inputs) for deeper_jax's VGG-16-BN; variant = conv_impl[-bf16]."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from deeper_jax.models import build_backbone
+
+  conv_impl, _, dtype = variant.partition("-")
+  model = build_backbone(dict(name="vgg16_bn", conv_impl=conv_impl, mean=MEAN, std=STD,
+                              dtype={"bf16": "bfloat16", "": "float32"}[dtype]))
+  shape = (batch, size, size, 3)
+  variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros(shape))
+  head = {"kernel": 0.01 * jax.random.normal(jax.random.key(1), (4096, NUM_CLASSES)),
+          "bias": jnp.zeros(NUM_CLASSES)}
+  params = {"backbone": variables["params"], "head": head}
+  tx = optax.chain(optax.add_decayed_weights(WEIGHT_DECAY), optax.sgd(LR, momentum=MOMENTUM))
+  state = (params, variables["batch_stats"], tx.init(params))
+
+  def step(state, images, labels, key):
+    params, batch_stats, opt_state = state
+
+    def loss_fn(params):
+      (features, _), updates = model.apply(
+          {"params": params["backbone"], "batch_stats": batch_stats}, images, train=True,
+          rngs={"dropout": key}, mutable=["batch_stats"])
+      logits = jax.nn.relu(features) @ params["head"]["kernel"] + params["head"]["bias"]
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+      return loss, updates["batch_stats"]
+
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), batch_stats, opt_state), loss
+
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.uniform(size=shape).astype(np.float32))
+  labels = jnp.asarray(rng.integers(0, NUM_CLASSES, batch).astype(np.int32))
+  jitted = jax.jit(step, donate_argnums=0)
+  box = {"state": state, "i": 0}
+
+  def run():
+    box["i"] += 1
+    box["state"], loss = jitted(box["state"], images, labels, jax.random.key(box["i"]))
+    return loss
+
+  return run, lambda loss: float(loss)
+
+
+# --------------------------------------------------------------------------- torch side
+def torch_vgg16_bn():
+  import torch
+  from torch import nn
+
+  layers, c = [], 3
+  for stage in VGG16:
+    for width in stage:
+      layers += [nn.Conv2d(c, width, 3, padding=1), nn.BatchNorm2d(width, momentum=0.1,
+                                                                   eps=1e-5), nn.ReLU(True)]
+      c = width
+    layers.append(nn.MaxPool2d(2, 2))
+  model = nn.Sequential(*layers)
+  for m in model.modules():
+    if isinstance(m, nn.Conv2d):
+      nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+      nn.init.zeros_(m.bias)
+  return model
+
+
+class TorchNet:
+  """VGG-16-BN body (+ fc6/fc7 sized to the input), head, normalisation — as deeper_jax."""
+
+  def __init__(self, size: int, channels_last: bool):
+    import torch
+    from torch import nn
+
+    self.torch = torch
+    body = torch_vgg16_bn()
+    flat = 512 * (size // 32) ** 2
+    fc = nn.Sequential(nn.Flatten(), nn.Linear(flat, 4096), nn.ReLU(True), nn.Dropout(0.5),
+                       nn.Linear(4096, 4096), nn.ReLU(True), nn.Linear(4096, NUM_CLASSES))
+    for m in fc.modules():
+      if isinstance(m, nn.Linear):
+        nn.init.normal_(m.weight, 0, 0.01)
+        nn.init.zeros_(m.bias)
+    self.model = nn.Sequential(body, fc)
+    self.format = torch.channels_last if channels_last else torch.contiguous_format
+    self.model = self.model.to(memory_format=self.format)
+    self.mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    self.std = torch.tensor(STD).view(1, 3, 1, 1)
+    self.opt = torch.optim.SGD(self.model.parameters(), lr=LR, momentum=MOMENTUM,
+                               weight_decay=WEIGHT_DECAY)
+    self.loss = nn.CrossEntropyLoss()
+
+  def step_fn(self, batch: int, size: int):
+    torch = self.torch
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(batch, 3, size, size, generator=g).to(memory_format=self.format)
+    labels = torch.randint(0, NUM_CLASSES, (batch,), generator=g)
+    self.model.train()
+
+    def run():
+      x = ((images - self.mean) / self.std).contiguous(memory_format=self.format)
+      loss = self.loss(self.model(x), labels)
+      self.opt.zero_grad(set_to_none=True)
+      loss.backward()
+      self.opt.step()
+      return loss
+
+    return run, lambda loss: float(loss.detach())
+
+
+def count_torch_params(size: int) -> int:
+  net = TorchNet(size, channels_last=False)
+  return sum(p.numel() for p in net.model.parameters()) - (4096 * NUM_CLASSES + NUM_CLASSES)
+
+
+# ------------------------------------------------------------------------------ harness
+def measure(sides: dict, warmup: int, steps: int, repeats: int, batch: int) -> dict:
+  """Interleaved timing: every round times `steps` steps of each side in turn."""
+  times = {name: [] for name in sides}
+  for name, (run, sync) in sides.items():
+    for _ in range(warmup):
+      sync(run())
+    print(f"  warmed up {name}", flush=True)
+  for r in range(repeats):
+    for name, (run, sync) in sides.items():
+      t = time.perf_counter()
+      for _ in range(steps):
+        loss = run()
+      sync(loss)
+      times[name].append((time.perf_counter() - t) / steps)
+    print(f"  round {r + 1}/{repeats}: " + ", ".join(
+        f"{n} {batch / times[n][-1]:.2f} img/s" for n in sides), flush=True)
+  return {name: batch / float(np.median(t)) for name, t in times.items()}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--json", default="", help="write the results here")
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--sizes", default="112,224")
+  parser.add_argument("--jax-variants", default="auto",
+                      help="comma list of conv_impl[-bf16]; the first is 'deeper_jax'")
+  parser.add_argument("--torch-formats", default="channels_last,nchw")
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--steps", type=int, default=2)
+  parser.add_argument("--repeats", type=int, default=5)
+  args = parser.parse_args()
+
+  import jax
+  import torch
+
+  threads = len(os.sched_getaffinity(0))
+  torch.set_num_threads(threads)
+  variants = args.jax_variants.split(",")
+  formats = args.torch_formats.split(",")
+  info = {"threads": threads, "jax": jax.__version__, "torch": torch.__version__,
+          "backend": jax.default_backend(), "machine": platform.processor() or platform.machine(),
+          "xla_flags": os.environ.get("XLA_FLAGS", ""), "head": f"{NUM_CLASSES}-way CE on ReLU(fc7)",
+          "jax_variants": variants, "timing": vars(args)}
+  cases = []
+  for size in (int(s) for s in args.sizes.split(",")):
+    print(f"batch {args.batch}, {size}x{size}: building", flush=True)
+    sides = {}
+    for variant in variants:
+      sides[f"jax:{variant}"] = jax_step(variant, args.batch, size)
+    for fmt in formats:
+      sides[f"torch:{fmt}"] = TorchNet(size, fmt == "channels_last").step_fn(args.batch, size)
+    ips = measure(sides, args.warmup, args.steps, args.repeats, args.batch)
+    jax_ips = ips[f"jax:{variants[0]}"]
+    torch_ips = max(ips[f"torch:{f}"] for f in formats)
+    case = {"batch": args.batch, "size": size,
+            "images_per_sec": {"deeper_jax": jax_ips, "torch": torch_ips},
+            "ratio": jax_ips / torch_ips, "all_images_per_sec": ips}
+    cases.append(case)
+    print(json.dumps(case), flush=True)
+  result = {"cases": cases, "info": info}
+  print(f"{'batch':>5} {'size':>5} {'deeper_jax':>11} {'torch':>8} {'ratio':>6}")
+  for c in cases:
+    print(f"{c['batch']:>5} {c['size']:>5} {c['images_per_sec']['deeper_jax']:>11.2f} "
+          f"{c['images_per_sec']['torch']:>8.2f} {c['ratio']:>6.2f}")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()

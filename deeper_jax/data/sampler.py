@@ -1,0 +1,151 @@
+"""Which images each step trains on: uniform over sub-clusters, per super-class.
+
+A training batch is laid out ``[S, b]``: slice ``s`` holds ``b`` images of one
+super-class, ``s = R * c + r`` = super-cluster ``c`` seen under rotation ``r``
+(``S = R * m``). That layout is what lets the paper put each super-class's
+sub-head on its own group of devices.
+
+Uniform over sub-clusters (DeepCluster's ``UnifLabelSampler``, kept by
+DeeperCluster): k-means on uncurated data makes a few huge clusters and many
+tiny ones; sampling images uniformly would let the huge clusters dominate the
+loss and collapse the representation onto them. So inside each super-class
+every *non-empty* sub-cluster gets an equal share of the super-class's samples
+(shares differ by at most one; the sub-clusters that get one extra are drawn at
+random), and images are drawn inside their sub-cluster.
+
+Epoch length (DESIGN.md §1): each image once per rotation overall, i.e.
+``N * R`` samples split evenly over the ``S`` super-classes, rounded up to whole
+steps: ``steps = ceil(N * R / (S * b))``, ``steps * b`` samples per slice. So
+super-classes are also sampled uniformly, whatever their sizes.
+
+Inside a sub-cluster whose share ``q`` exceeds its size ``n``, the reference
+draws with replacement. We instead take every member ``q // n`` times plus a
+uniform subset (without replacement) of ``q % n`` members: the same expected
+counts, but every image of a small cluster is seen and no image is repeated
+more than needed. A sub-cluster larger than its share gets a uniform subset
+without replacement.
+
+Empty super-cluster: the reference k-means never returns one when ``N >= m``
+(it splits a non-empty cluster instead), and a slice must hold images of *its*
+super-cluster, so an empty one is an upstream bug and raises ``ValueError``
+rather than being silently filled with other images.
+
+Determinism: slice ``s`` draws from ``np.random.default_rng([seed, cycle,
+epoch, s])``, so the plan is a pure function of its arguments (a resumed run
+replays it exactly) and slices are independent streams.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def steps_per_epoch(num_images: int, *, num_super_clusters: int, num_rotations: int,
+                    batch_per_super: int) -> int:
+  """``ceil(N * R / (S * b))`` with ``S = R * m``."""
+  num_slices = num_rotations * num_super_clusters
+  return math.ceil(num_images * num_rotations / (num_slices * batch_per_super))
+
+
+def _check_args(super_labels, sub_labels, num_super_clusters, num_rotations, batch_per_super,
+                seed, cycle, epoch) -> tuple[np.ndarray, np.ndarray]:
+  for name, value, low in (("num_super_clusters", num_super_clusters, 1),
+                           ("num_rotations", num_rotations, 1),
+                           ("batch_per_super", batch_per_super, 1),
+                           ("seed", seed, 0), ("cycle", cycle, 0), ("epoch", epoch, 0)):
+    if not isinstance(value, (int, np.integer)) or value < low:
+      raise ValueError(f"epoch_plan: {name} must be an integer >= {low}, got {value!r}.")
+  super_labels, sub_labels = np.asarray(super_labels), np.asarray(sub_labels)
+  if super_labels.ndim != 1 or super_labels.size == 0 or sub_labels.shape != super_labels.shape:
+    raise ValueError(
+        f"super_labels and sub_labels must be non-empty 1-D arrays of equal length, got shapes "
+        f"{super_labels.shape} and {sub_labels.shape}.")
+  for name, labels in (("super_labels", super_labels), ("sub_labels", sub_labels)):
+    if not np.issubdtype(labels.dtype, np.integer):
+      raise ValueError(f"{name} must be integer cluster ids, got dtype {labels.dtype}.")
+  if super_labels.min() < 0 or super_labels.max() >= num_super_clusters:
+    raise ValueError(
+        f"super_labels must lie in [0, num_super_clusters={num_super_clusters}), got range "
+        f"[{super_labels.min()}, {super_labels.max()}].")
+  if sub_labels.min() < 0:
+    raise ValueError(f"sub_labels must be non-negative, got min {sub_labels.min()}.")
+  if super_labels.size >= 2**31:
+    raise ValueError(f"epoch_plan returns int32 indices; {super_labels.size} images is too many.")
+  return super_labels.astype(np.int64), sub_labels.astype(np.int64)
+
+
+def _draw_slice(rng: np.random.Generator, members: np.ndarray, group: np.ndarray,
+                sizes: np.ndarray, starts: np.ndarray, total: int) -> np.ndarray:
+  """``total`` image indices, an equal share (±1) from each group, shuffled.
+
+  ``members`` are the images of one super-cluster sorted by sub-cluster;
+  ``group[i]`` is the (dense) sub-cluster of ``members[i]``, ``sizes``/``starts``
+  describe the groups. Vectorised over groups: k_sub can be ~10^5.
+  """
+  num_groups = len(sizes)
+  shares = np.full(num_groups, total // num_groups, np.int64)
+  shares[rng.choice(num_groups, size=total % num_groups, replace=False)] += 1
+  tiles, rest = shares // sizes, shares % sizes
+  whole = np.repeat(members, tiles[group])
+  # Uniform subset without replacement of size rest[g] in each group g: rank
+  # members by a random key within their group, keep ranks < rest[g].
+  order = np.lexsort((rng.random(len(members)), group))
+  rank = np.arange(len(members)) - starts[group[order]]
+  part = members[order][rank < rest[group[order]]]
+  drawn = np.concatenate([whole, part])
+  rng.shuffle(drawn)
+  return drawn
+
+
+def epoch_plan(super_labels: np.ndarray, sub_labels: np.ndarray, *, num_super_clusters: int,
+               num_rotations: int, batch_per_super: int, seed: int, cycle: int,
+               epoch: int) -> np.ndarray:
+  """Image indices for every step of one epoch, ``int32 [steps, S, b]``.
+
+  Args:
+    super_labels: ``[N]`` level-1 cluster of each image, in ``[0, m)``.
+    sub_labels: ``[N]`` level-2 cluster of each image, local to its
+      super-cluster (any non-negative ids; only non-empty ones are sampled).
+    num_super_clusters: ``m``.
+    num_rotations: ``R`` (4, or 1 without the rotation task).
+    batch_per_super: ``b``, images per super-class per step.
+    seed, cycle, epoch: the plan is a deterministic function of these.
+
+  Returns:
+    ``plan[t, s]``: the ``b`` images of super-class ``s`` (super-cluster
+    ``s // R``, to be rotated by ``(s % R) * 90`` degrees) at step ``t``.
+  """
+  super_labels, sub_labels = _check_args(super_labels, sub_labels, num_super_clusters,
+                                         num_rotations, batch_per_super, seed, cycle, epoch)
+  num_images = super_labels.size
+  steps = steps_per_epoch(num_images, num_super_clusters=num_super_clusters,
+                          num_rotations=num_rotations, batch_per_super=batch_per_super)
+  per_slice = steps * batch_per_super
+  num_slices = num_rotations * num_super_clusters
+  plan = np.empty((steps, num_slices, batch_per_super), np.int32)
+
+  # Images sorted by (super, sub); each super-cluster is then one contiguous run.
+  order = np.lexsort((sub_labels, super_labels))
+  sorted_super, sorted_sub = super_labels[order], sub_labels[order]
+  super_bounds = np.searchsorted(sorted_super, np.arange(num_super_clusters + 1))
+  empty = np.flatnonzero(np.diff(super_bounds) == 0)
+  if empty.size:
+    raise ValueError(
+        f"epoch_plan: super-cluster(s) {empty.tolist()} of num_super_clusters={num_super_clusters} "
+        f"have no images among the {num_images}; every super-class needs images (hierarchical "
+        "k-means splits empty clusters; use fewer super-clusters than images).")
+
+  for cluster in range(num_super_clusters):
+    lo, hi = super_bounds[cluster], super_bounds[cluster + 1]
+    members, subs = order[lo:hi], sorted_sub[lo:hi]
+    is_start = np.r_[True, subs[1:] != subs[:-1]]
+    group = np.cumsum(is_start) - 1  # dense id of the non-empty sub-cluster
+    starts = np.flatnonzero(is_start)
+    sizes = np.diff(np.r_[starts, len(members)])
+    for rotation in range(num_rotations):
+      s = num_rotations * cluster + rotation
+      rng = np.random.default_rng([seed, cycle, epoch, s])
+      drawn = _draw_slice(rng, members, group, sizes, starts, per_slice)
+      plan[:, s, :] = drawn.reshape(steps, batch_per_super)
+  return plan

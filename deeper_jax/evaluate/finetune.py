@@ -1,0 +1,222 @@
+"""Few-label fine-tuning: pretrained weights vs a random init (paper Table 2, scaled down).
+
+The question users of self-supervised pre-training care about: with only 1%
+or 10% of the labels, does starting from the pretrained backbone beat
+starting from scratch? Both runs fine-tune the *whole* backbone plus a new
+linear head on ``relu(features)`` (the same input the clustering heads read),
+with the same class-balanced labelled subset, the same batches in the same
+order, the same optimizer (SGD + momentum, cosine schedule, weight decay) and
+the same number of steps; only the initial backbone differs. No augmentation:
+the comparison is about the initialisation, and the default budget is small.
+
+Runs on the default device (no mesh): the subsets are small by design. The
+training step is jitted once per (module, batch shape) and reused by every
+run; the state is donated.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.core import unfreeze
+
+from deeper_jax.evaluate.features import image_shape, map_batches
+from deeper_jax.evaluate.progress import Progress
+
+HEAD_INIT_STD = 0.01  # the reference heads' N(0, 0.01) init
+
+
+def fraction_key(fraction: float) -> str:
+  """0.01 -> '1%', 0.1 -> '10%', 0.005 -> '0.5%' (the keys of the results)."""
+  return f"{100 * fraction:g}%"
+
+
+def class_balanced_subset(labels, fraction: float, *, seed: int = 0,
+                          num_classes: int | None = None) -> np.ndarray:
+  """Sorted indices of ``fraction`` of the labelled points, equal count per class.
+
+  ``round(fraction * N / num_classes)`` points per class (at least 1, at most
+  the class's size), drawn without replacement; deterministic in ``seed``.
+  """
+  labels = np.asarray(labels).reshape(-1)
+  if not 0.0 < fraction <= 1.0:
+    raise ValueError(f"fraction must be in (0, 1]; got {fraction}.")
+  if num_classes is None:
+    num_classes = int(labels.max()) + 1
+  per_class = max(1, int(round(fraction * labels.size / num_classes)))
+  rng = np.random.default_rng(seed)
+  picked = []
+  for c in range(num_classes):
+    members = np.flatnonzero(labels == c)
+    if members.size:
+      picked.append(rng.choice(members, size=min(per_class, members.size),
+                               replace=False))
+  return np.sort(np.concatenate(picked)) if picked else np.zeros((0,), np.int64)
+
+
+def default_init_fn(module, shape_hwc: Sequence[int]) -> Callable[[jax.Array], Any]:
+  """``init_fn(key) -> variables`` of a fresh backbone for images of ``shape_hwc``."""
+  def init_fn(key):
+    dummy = jnp.zeros((1, *shape_hwc), jnp.float32)
+    return module.init({"params": key, "dropout": key}, dummy, train=False)
+  return init_fn
+
+
+def _split(variables) -> tuple[Any, dict]:
+  variables = unfreeze(variables) if hasattr(variables, "unfreeze") else dict(variables)
+  params = variables["params"]
+  state = {k: v for k, v in variables.items() if k != "params"}
+  return params, state
+
+
+def make_optimizer(*, steps: int, lr: float, momentum: float,
+                   weight_decay: float) -> optax.GradientTransformation:
+  """SGD + momentum, cosine-decayed lr, L2 decay on kernels (not biases/BN)."""
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  return optax.chain(
+      optax.add_decayed_weights(weight_decay, mask=decay_mask),
+      optax.sgd(optax.cosine_decay_schedule(lr, steps), momentum=momentum))
+
+
+@functools.lru_cache(maxsize=8)
+def _train_step(module, steps: int, lr: float, momentum: float, weight_decay: float):
+  """Jitted ``(params, state, opt_state, images, labels, key) -> (..., loss)``.
+
+  Cached on the module and the hyper-parameters, so the pretrained and the
+  scratch runs of every fraction share one compilation.
+  """
+  optimizer = make_optimizer(steps=steps, lr=lr, momentum=momentum,
+                             weight_decay=weight_decay)
+  def loss_fn(params, state, images, labels, key):
+    x = images.astype(jnp.float32) / 255.0
+    variables = {"params": params["backbone"], **state}
+    if state:
+      (features, _), new_state = module.apply(
+          variables, x, train=True, rngs={"dropout": key}, mutable=list(state))
+    else:
+      features, _ = module.apply(variables, x, train=True, rngs={"dropout": key})
+      new_state = state
+    logits = jax.nn.relu(features) @ params["head"]["w"] + params["head"]["b"]
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return loss, dict(new_state)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
+  def step(params, state, opt_state, images, labels, key):
+    (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, state, images, labels, key)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), state, opt_state, loss
+  return step
+
+
+def train_classifier(module, variables, source, indices, *, steps: int,
+                     batch_size: int = 64, lr: float = 0.05, momentum: float = 0.9,
+                     weight_decay: float = 5e-4, seed: int = 0,
+                     num_classes: int | None = None,
+                     name: str = "finetune") -> tuple[Any, dict]:
+  """Supervised training of backbone + a new linear head on ``source[indices]``.
+
+  Returns ``(backbone_variables, head_params)``. Batches walk through a fresh
+  seeded permutation of ``indices`` each pass, so two calls with the same seed
+  see the same images in the same order whatever the initial weights.
+  """
+  indices = np.asarray(indices)
+  labels = source.labels
+  if labels is None:
+    raise ValueError("the fine-tuning source has no labels; pass a labelled split.")
+  if indices.size == 0 or steps < 1:
+    raise ValueError(f"need a non-empty labelled subset and steps >= 1; got "
+                     f"{indices.size} images and steps={steps}.")
+  if num_classes is None:
+    num_classes = int(source.num_classes or int(np.max(labels)) + 1)
+  batch_size = min(batch_size, indices.size)
+  params, state = _split(variables)
+  key = jax.random.key(seed)
+  head_key, key = jax.random.split(key)
+  dim = jax.eval_shape(lambda v: module.apply(
+      v, jnp.zeros((1, *image_shape(source)), jnp.float32), train=False)[0],
+      variables).shape[-1]
+  params = {"backbone": params, "head": {
+      "w": HEAD_INIT_STD * jax.random.normal(head_key, (dim, num_classes)),
+      "b": jnp.zeros((num_classes,))}}
+  # Copies: the step donates its inputs and the caller keeps its variables.
+  params, state = jax.tree.map(jnp.array, (params, state))
+  opt_state = make_optimizer(steps=steps, lr=lr, momentum=momentum,
+                             weight_decay=weight_decay).init(params)
+  step = _train_step(module, steps, float(lr), float(momentum), float(weight_decay))
+
+  rng = np.random.default_rng(seed)
+  order, position = rng.permutation(indices), 0
+  meter = Progress(name, steps, unit="steps")
+  for i in range(steps):
+    if position + batch_size > order.size:
+      order, position = rng.permutation(indices), 0
+    batch = np.sort(order[position:position + batch_size])
+    position += batch_size
+    images = np.asarray(source.images(batch))
+    params, state, opt_state, _ = step(
+        params, state, opt_state, images, np.asarray(labels[batch], np.int32),
+        jax.random.fold_in(key, i))
+    meter.update(1)
+  return {"params": params["backbone"], **state}, params["head"]
+
+
+def classifier_accuracy(module, variables, head, source, *, batch_size: int = 512,
+                        indices: np.ndarray | None = None) -> float:
+  """Top-1 of backbone + head (eval mode) on ``source`` (or ``source[indices]``)."""
+  if source.labels is None:
+    raise ValueError("the evaluation source has no labels; pass a labelled split.")
+  indices = np.arange(len(source)) if indices is None else np.asarray(indices)
+  batch_size = min(batch_size, max(indices.size, 1))
+  num_classes = head["b"].shape[0]
+
+  @jax.jit
+  def logits(variables, head, images):
+    features, _ = module.apply(variables, images.astype(jnp.float32) / 255.0,
+                               train=False)
+    return jax.nn.relu(features) @ head["w"] + head["b"]
+
+  out = map_batches(lambda images: {"logits": logits(variables, head, images)},
+                    source, indices, batch_size=batch_size,
+                    out_dims={"logits": num_classes}, name="finetune eval")
+  pred = out["logits"].argmax(-1)
+  return float((pred == np.asarray(source.labels)[indices]).mean())
+
+
+def finetune_few_labels(module, variables, train_source, test_source, *,
+                        init_fn: Callable[[jax.Array], Any] | None = None,
+                        fractions: Sequence[float] = (0.01, 0.1), steps: int = 300,
+                        batch_size: int = 64, lr: float = 0.05, momentum: float = 0.9,
+                        weight_decay: float = 5e-4, seed: int = 0,
+                        eval_batch_size: int = 512,
+                        test_indices: np.ndarray | None = None
+                        ) -> dict[str, dict[str, float]]:
+  """``{'1%': {'pretrained': top1, 'scratch': top1}, '10%': {...}}`` on the test split.
+
+  ``init_fn(key) -> variables`` makes the from-scratch backbone (default: the
+  module's own init, seeded by ``seed``). Each fraction uses the same
+  class-balanced subset of ``train_source`` for both runs.
+  """
+  init_fn = init_fn or default_init_fn(module, image_shape(train_source))
+  scratch_variables = init_fn(jax.random.key(seed + 1))
+  num_classes = train_source.num_classes or int(np.max(train_source.labels)) + 1
+  results: dict[str, dict[str, float]] = {}
+  for fraction in fractions:
+    subset = class_balanced_subset(train_source.labels, fraction, seed=seed,
+                                   num_classes=num_classes)
+    label = fraction_key(fraction)
+    results[label] = {}
+    starts: Mapping[str, Any] = {"pretrained": variables, "scratch": scratch_variables}
+    for start_name, start in starts.items():
+      trained, head = train_classifier(
+          module, start, train_source, subset, steps=steps, batch_size=batch_size,
+          lr=lr, momentum=momentum, weight_decay=weight_decay, seed=seed,
+          num_classes=num_classes, name=f"finetune {label} {start_name}")
+      results[label][start_name] = classifier_accuracy(
+          module, trained, head, test_source, batch_size=eval_batch_size,
+          indices=test_indices)
+  return results

@@ -1,0 +1,80 @@
+"""k-nearest-neighbour classification on frozen features (cosine similarity).
+
+A probe with no training and no hyper-parameter search, used beside the
+linear probe (DESIGN §4). Rows are L2-normalised so the dot product is the
+cosine similarity; each test row takes its ``k`` most similar training rows
+and they vote with weight ``exp(sim / temperature)`` (Wu et al. 2018, the
+instance-discrimination paper the DeeperCluster paper compares with; T=0.07).
+Weighted rather than majority voting because it breaks ties and lets a very
+close neighbour outweigh far ones; ``weighting='majority'`` gives plain votes.
+
+The test rows are processed in fixed-size chunks (the last one padded) by one
+jitted function, so memory holds ``chunk_size x N_train`` similarities at a
+time, never the full test x train matrix.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deeper_jax import parallel
+
+WEIGHTINGS = ("exp", "majority")
+
+
+def _normalise(x: jax.Array) -> jax.Array:
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def knn_predict(train_x, train_y, test_x, *, k: int = 20,
+                temperature: float = 0.07, num_classes: int | None = None,
+                weighting: str = "exp", chunk_size: int = 512) -> np.ndarray:
+  """Predicted class [N_test] of each test row by a k-NN vote (cosine)."""
+  train_x = np.asarray(train_x, np.float32)
+  test_x = np.asarray(test_x, np.float32)
+  train_y = np.asarray(train_y).astype(np.int32)
+  if train_x.ndim != 2 or test_x.ndim != 2 or train_x.shape[1] != test_x.shape[1]:
+    raise ValueError(f"train and test features must be [N, D] with the same D; "
+                     f"got {train_x.shape} and {test_x.shape}.")
+  if train_y.shape != (train_x.shape[0],):
+    raise ValueError(f"train labels must be [N_train]={train_x.shape[0]}; "
+                     f"got shape {train_y.shape}.")
+  if weighting not in WEIGHTINGS:
+    raise ValueError(f"weighting must be one of {WEIGHTINGS}; got {weighting!r}.")
+  if k < 1:
+    raise ValueError(f"k must be positive; got {k}.")
+  k = min(k, train_x.shape[0])
+  if num_classes is None:
+    num_classes = int(train_y.max()) + 1
+  chunk_size = max(1, min(chunk_size, test_x.shape[0]))
+
+  bank = _normalise(jnp.asarray(train_x))
+  bank_labels = jnp.asarray(train_y)
+
+  @jax.jit
+  def vote(bank, bank_labels, queries):
+    sims = _normalise(queries) @ bank.T  # [chunk, N_train]
+    top_sims, top_idx = jax.lax.top_k(sims, k)
+    if weighting == "exp":
+      weights = jnp.exp((top_sims - 1.0) / temperature)  # shifted: no overflow
+    else:
+      weights = jnp.ones_like(top_sims)
+    onehot = jax.nn.one_hot(bank_labels[top_idx], num_classes, dtype=weights.dtype)
+    return jnp.argmax(jnp.einsum("qk,qkc->qc", weights, onehot), axis=-1)
+
+  preds = []
+  for start in range(0, test_x.shape[0], chunk_size):
+    chunk, count = parallel.pad_rows(test_x[start:start + chunk_size], chunk_size)
+    preds.append(np.asarray(vote(bank, bank_labels, chunk))[:count])
+  return np.concatenate(preds) if preds else np.zeros((0,), np.int32)
+
+
+def knn_accuracy(train_x, train_y, test_x, test_y, **kwargs) -> float:
+  """Top-1 of :func:`knn_predict` against ``test_y`` (fraction in [0, 1])."""
+  test_y = np.asarray(test_y)
+  if test_y.shape != (np.asarray(test_x).shape[0],):
+    raise ValueError(f"test labels must be one per test row; got shape "
+                     f"{test_y.shape} for {np.asarray(test_x).shape[0]} rows.")
+  preds = knn_predict(train_x, train_y, test_x, **kwargs)
+  return float((preds == test_y).mean()) if len(preds) else 0.0

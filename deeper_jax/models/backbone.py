@@ -1,0 +1,140 @@
+"""One backbone module for every network: normalise → [Sobel] → conv stages → fc6 → fc7.
+
+VGG-16-BN, AlexNet-BN and the small CPU nets differ only in their table of stages
+(``architectures.py``), so they share this code, their parameter naming, the Sobel
+handling and the per-block outputs that the linear probes read.
+
+Parameter names: stage i's j-th conv is ``conv{i}_{j}`` holding ``conv`` (kernel, bias)
+and ``bn`` (scale, bias; running mean/var in ``batch_stats``); then ``fc6``, ``fc7``.
+Block ``conv{i}`` is stage i's output *after* its max-pool (if it has one).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from deeper_jax.models.conv import Conv2D, resolve_conv_impl
+from deeper_jax.models.sobel import FIRST_CONV, sobel
+# Reference init of the fully connected layers (DeepCluster's VGG/AlexNet): N(0, 0.01).
+DENSE_INIT = nn.initializers.normal(stddev=0.01)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvSpec:
+  features: int
+  kernel: int = 3
+  stride: int = 1
+  padding: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """Convs (each conv-BN-ReLU), then an optional VALID max-pool (window, stride)."""
+  convs: tuple[ConvSpec, ...]
+  pool: tuple[int, int] | None = (2, 2)
+
+
+def max_pool(x: jax.Array, window: int, stride: int, conv_impl: str) -> jax.Array:
+  """VALID max-pool. Non-overlapping pools under 'patches' use reshape+max.
+
+  Why: XLA CPU's reduce_window gradient (select-and-scatter) is slow; the reshape form
+  is a plain reduction whose gradient is an elementwise mask. Ties share the gradient
+  (vs one winner in reduce_window); after a ReLU, ties are zeros whose gradient the ReLU
+  kills anyway. Forward values are identical.
+  """
+  b, h, w, c = x.shape
+  if (window == stride and resolve_conv_impl(conv_impl) == "patches"):
+    oh, ow = h // window, w // window
+    x = x[:, :oh * window, :ow * window]
+    return x.reshape(b, oh, window, ow, window, c).max(axis=(2, 4))
+  return nn.max_pool(x, (window, window), strides=(stride, stride), padding="VALID")
+
+
+class ConvBNReLU(nn.Module):
+  spec: ConvSpec
+  conv_impl: str = "auto"
+  dtype: Any = jnp.float32
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    s = self.spec
+    x = Conv2D(s.features, s.kernel, s.stride, s.padding, conv_impl=self.conv_impl,
+               dtype=self.dtype, name="conv")(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                     dtype=self.dtype, axis_name=self.bn_axis_name, name="bn")(x)
+    return nn.relu(x)
+
+
+class Backbone(nn.Module):
+  """``apply(variables, images, train=..., rngs={'dropout': key})`` → (features, blocks).
+
+  images: float in [0, 1], shape [..., H, W, C] (any leading batch dims).
+  features: [..., feature_dim] float32, fc7 before any ReLU.
+  blocks: {'conv1': [..., h, w, c], ...} in stage order.
+  ``bn_axis_name``: set when called inside shard_map so BatchNorm statistics are taken
+  over the global batch (under plain jit with sharded inputs they already are).
+  """
+  stages: tuple[Stage, ...]
+  feature_dim: int
+  dropout: float = 0.5
+  mean: tuple[float, ...] = (0.5,)
+  std: tuple[float, ...] = (0.5,)
+  sobel: bool = False
+  folded_sobel: bool = False
+  conv_impl: str = "auto"
+  dtype: Any = jnp.float32
+  bn_axis_name: str | None = None
+
+  def normalise(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    for name, v in (("mean", self.mean), ("std", self.std)):
+      if len(v) not in (1, c):
+        raise ValueError(f"model.{name} has {len(v)} entries but images have {c} channels; "
+                         f"give 1 or {c} values.")
+    return (x - jnp.asarray(self.mean, jnp.float32)) / jnp.asarray(self.std, jnp.float32)
+
+  def first_conv(self, spec: ConvSpec) -> ConvSpec:
+    """conv1_1 as it runs: VALID after the Sobel map, or widened by folding (sobel.py)."""
+    if self.sobel:
+      return dataclasses.replace(spec, padding=0)
+    if self.folded_sobel:
+      return dataclasses.replace(spec, kernel=spec.kernel + 2, padding=spec.padding + 1)
+    return spec
+
+  @nn.compact
+  def __call__(self, images: jax.Array, train: bool = False
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    if images.ndim < 4:
+      raise ValueError(f"images must be [..., H, W, C] with a batch axis, got shape "
+                       f"{images.shape}.")
+    if self.sobel and self.folded_sobel:
+      raise ValueError("model.sobel and model.folded_sobel are exclusive; a folded network "
+                       "already contains the Sobel stage in conv1_1.")
+    lead = images.shape[:-3]
+    x = images.reshape((-1,) + images.shape[-3:]).astype(jnp.float32)
+    x = self.normalise(x)
+    if self.sobel:
+      x = sobel(x, pad=self.stages[0].convs[0].padding + 1)
+    blocks = {}
+    for i, stage in enumerate(self.stages, start=1):
+      for j, spec in enumerate(stage.convs, start=1):
+        if (i, j) == (1, 1):
+          spec = self.first_conv(spec)
+        x = ConvBNReLU(spec, self.conv_impl, self.dtype, self.bn_axis_name,
+                       name=f"conv{i}_{j}")(x, train)
+      if stage.pool is not None:
+        x = max_pool(x, *stage.pool, conv_impl=self.conv_impl)
+      blocks[f"conv{i}"] = x
+    x = x.reshape(x.shape[0], -1)
+    x = nn.Dense(self.feature_dim, dtype=self.dtype, kernel_init=DENSE_INIT, name="fc6")(x)
+    x = nn.relu(x)
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = nn.Dense(self.feature_dim, dtype=self.dtype, kernel_init=DENSE_INIT, name="fc7")(x)
+    features = x.astype(jnp.float32).reshape(lead + (self.feature_dim,))
+    blocks = {k: v.reshape(lead + v.shape[1:]) for k, v in blocks.items()}
+    return features, blocks
