@@ -47,7 +47,7 @@ def cluster_backbone(model, variables, source, config, *, cycle: int, mesh,
     zeros = np.zeros((n,), np.int32)
     return {"super_labels": zeros, "sub_labels": zeros}, {}
 
-  batches = iter(range(1, 1 << 62))
+  batches, iterations = iter(range(1, 1 << 62)), iter(range(1, 1 << 62))
   feats = features_lib.extract_features(
       model, variables, source, batch_size=cfg.extract_batch_size, layers=[],
       mesh=mesh, progress=lambda done, total: faults.reached("extract", next(batches)),
@@ -60,7 +60,7 @@ def cluster_backbone(model, variables, source, config, *, cycle: int, mesh,
   result = hierarchical.hierarchical_kmeans(
       reduced, method.num_super_clusters, method.num_sub_clusters,
       num_iters=cfg.num_iters, seed=seed, chunk_size=cfg.chunk_size, mesh=mesh,
-      init=cfg.init)
+      init=cfg.init, progress=lambda it, obj: faults.reached("kmeans", next(iterations)))
   clusters = {
       "super_labels": np.asarray(result.super_labels, np.int32),
       "sub_labels": np.asarray(result.sub_labels, np.int32),

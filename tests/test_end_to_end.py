@@ -110,3 +110,49 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(reference, tmp_path):
   proc = launch(workdir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert_same_end(workdir, reference)
+
+
+def test_export_then_load_pretrained_gives_the_training_backbone_features(reference):
+  import jax
+  from configs import tiny
+  import deeper_jax
+  from deeper_jax import export_eval
+  from deeper_jax.data.fashion_mnist import load_fashion_mnist
+  workdir = reference[0]
+  proc = launch(workdir, "--mode", "export")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  module, variables = deeper_jax.load_pretrained(str(workdir / "export"))
+  trained_module, trained_variables = export_eval.trained_backbone(tiny.get_config(),
+                                                                   str(workdir))
+  images = load_fashion_mnist("test").images(np.arange(64)).astype(np.float32) / 255
+  got, got_blocks = module.apply(variables, images, train=False)
+  want, want_blocks = trained_module.apply(trained_variables, images, train=False)
+  assert "sobel" not in str(jax.tree_util.tree_structure(variables)).lower()
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+  assert list(got_blocks) == list(want_blocks)
+
+
+def test_eval_mode_chains_on_the_pretrained_run(reference):
+  workdir = reference[0]
+  proc = launch(workdir, "--mode", "eval")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(workdir / "eval" / "results.json") as f:
+    results = json.load(f)
+  assert {"linear_probe_by_layer", "knn_top1", "nmi", "ari", "purity", "finetune"} <= set(results)
+  assert results["knn_top1"] > 0.3
+  assert (workdir / "eval" / "probe_by_layer.png").exists()
+
+
+def test_init_from_starts_the_backbone_from_another_run(reference):
+  import jax
+  from configs import tiny
+  from deeper_jax import models, state as state_lib, train_step as step_lib
+  config = tiny.get_config()
+  config.train.init_from = str(reference[0])
+  model = models.build_backbone(config.model)
+  tx = step_lib.make_optimizer(config.train)
+  state = state_lib.initial_state(model, config, (28, 28, 1), tx, tx, 64)
+  want = final_params(reference[0])
+  got = {jax.tree_util.keystr(p): np.asarray(v)
+         for p, v in jax.tree_util.tree_leaves_with_path({"params": state.params})}
+  assert got and all(np.array_equal(got[k], want[k]) for k in got)

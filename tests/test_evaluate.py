@@ -199,3 +199,4 @@ def test_probe_plot_png_shows_data(tmp_path):
   assert_png_shows_data(path)
   with pytest.raises(ValueError, match="empty"):
     plot_probe_by_layer({}, str(path))
+

@@ -23,9 +23,9 @@ def pixels(source, n):
 def small_cnn(width=16, feature_dim=128):
   module = build_backbone({"name": "small_cnn28", "width": width,
                            "feature_dim": feature_dim})
-  variables = module.init(jax.random.key(0), np.zeros((1, 28, 28, 1), np.float32),
-                          train=False)
-  return module, variables
+  init = jax.jit(lambda key: module.init(key, np.zeros((1, 28, 28, 1), np.float32),
+                                         train=False))
+  return module, init(jax.random.key(0))
 
 
 # --- linear probe -------------------------------------------------------------------
@@ -85,8 +85,8 @@ def test_extract_features_shapes_padding_and_eval_mode(fmnist):
   np.testing.assert_allclose(a[FEATURES], b[FEATURES], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(a["conv2"], b["conv2"], rtol=1e-5, atol=1e-5)
   # Block 'conv3' is the stage output the backbone returns, flattened (no pooling).
-  _, blocks = module.apply(variables, train.images(idx[:3]).astype(np.float32) / 255,
-                           train=False)
+  apply = jax.jit(lambda v, x: module.apply(v, x, train=False))
+  _, blocks = apply(variables, train.images(idx[:3]).astype(np.float32) / 255)
   np.testing.assert_allclose(a["conv3"][:3], np.asarray(blocks["conv3"]).reshape(3, -1),
                              rtol=1e-5, atol=1e-5)
   assert extract_features(module, variables, train, indices=idx).keys() == {FEATURES}
@@ -123,9 +123,9 @@ def test_extract_features_on_8_devices_matches_one_device(with_devices):
 
 @pytest.fixture(scope="module")
 def supervised(fmnist):
-  """small_cnn28 trained with labels for 300 steps, and its untrained init."""
+  """small_cnn28 (width 16) trained with labels for 300 steps, and its init."""
   train, _ = fmnist
-  module, untrained = small_cnn(width=32, feature_dim=256)
+  module, untrained = small_cnn(width=16, feature_dim=128)
   trained, head = train_classifier(module, untrained, train, np.arange(len(train)),
                                    steps=300, batch_size=64, lr=0.1, seed=0)
   return module, untrained, trained, head
@@ -162,14 +162,15 @@ def test_last_layer_probe_of_trained_backbone_beats_untrained(fmnist, supervised
 
 def test_class_balanced_subset():
   labels = np.repeat(np.arange(4), [50, 30, 100, 20])
-  idx = class_balanced_subset(labels, 0.2, seed=3)
+  # 10% of 200 labels = 20 = 5 per class.
+  idx = class_balanced_subset(labels, 0.1, seed=3)
   np.testing.assert_array_equal(np.bincount(labels[idx]), [5, 5, 5, 5])
   assert len(np.unique(idx)) == idx.size
-  np.testing.assert_array_equal(idx, class_balanced_subset(labels, 0.2, seed=3))
-  assert not np.array_equal(idx, class_balanced_subset(labels, 0.2, seed=4))
-  # A class smaller than its share gives all it has.
+  np.testing.assert_array_equal(idx, class_balanced_subset(labels, 0.1, seed=3))
+  assert not np.array_equal(idx, class_balanced_subset(labels, 0.1, seed=4))
+  # A class smaller than its share (40) gives all it has.
   np.testing.assert_array_equal(
-      np.bincount(labels[class_balanced_subset(labels, 1.0)]), [25, 25, 25, 20])
+      np.bincount(labels[class_balanced_subset(labels, 0.8)]), [40, 30, 40, 20])
   with pytest.raises(ValueError, match="fraction"):
     class_balanced_subset(labels, 0.0)
 
@@ -183,4 +184,7 @@ def test_finetune_from_supervised_weights_beats_scratch_with_1_percent(fmnist, s
   assert set(result) == {"1%"}
   assert set(result["1%"]) == {"pretrained", "scratch"}
   assert result["1%"]["pretrained"] > result["1%"]["scratch"] + 0.03
-  assert result["1%"]["scratch"] > 0.3  # scratch learns something too
+  assert result["1%"]["pretrained"] > 0.7
+  assert result["1%"]["scratch"] > 0.3  # scratch learns too (chance is 0.1)
+
+

@@ -161,8 +161,8 @@ def test_normalisation_happens_inside_the_model(small):
 ])
 def test_conv_implementations_agree(name, shape):
   x = jnp.asarray(np.random.default_rng(1).uniform(size=shape), jnp.float32)
-  xla = build_backbone(config(name, width=8, feature_dim=16, conv_impl="xla"))
-  patches = build_backbone(config(name, width=8, feature_dim=16, conv_impl="patches"))
+  xla, patches, hybrid = (build_backbone(config(name, width=8, feature_dim=16, conv_impl=c))
+                          for c in ("xla", "patches", "hybrid"))
   variables = jax.jit(xla.init)(jax.random.key(0), x)
 
   def loss(model):
@@ -173,17 +173,18 @@ def test_conv_implementations_agree(name, shape):
     return jax.jit(jax.value_and_grad(f, has_aux=True))(variables["params"])
 
   (_, (f1, b1)), g1 = loss(xla)
-  (_, (f2, b2)), g2 = loss(patches)
-  np.testing.assert_allclose(f2, f1, rtol=1e-4, atol=1e-4 * float(np.abs(f1).max()))
-  for k in b1:
-    np.testing.assert_allclose(b2[k], b1[k], rtol=1e-4, atol=1e-4)
-  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
-    np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-3 * float(np.abs(a).max()) + 1e-7)
+  for other in (patches, hybrid):
+    (_, (f2, b2)), g2 = loss(other)
+    np.testing.assert_allclose(f2, f1, rtol=1e-4, atol=1e-4 * float(np.abs(f1).max()))
+    for k in b1:
+      np.testing.assert_allclose(b2[k], b1[k], rtol=1e-4, atol=1e-4)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+      np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-3 * float(np.abs(a).max()) + 1e-7)
 
 
 def test_auto_conv_impl_depends_on_the_platform():
   assert resolve_conv_impl("xla") == "xla"
-  assert resolve_conv_impl("auto") == ("patches" if jax.default_backend() == "cpu" else "xla")
+  assert resolve_conv_impl("auto") == ("hybrid" if jax.default_backend() == "cpu" else "xla")
 
 
 def test_bfloat16_compute_keeps_float32_params_and_features(small):
@@ -212,3 +213,18 @@ def test_mean_with_the_wrong_number_of_channels_is_rejected():
   model = build_backbone(config("small_cnn28", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)))
   with pytest.raises(ValueError, match="model.mean"):
     jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 28, 28, 2)))
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (3, 1, 0), (5, 1, 2), (11, 4, 2)])
+def test_hybrid_conv_gradients_equal_xlas(kernel, stride, padding):
+  from deeper_jax.models.conv import _xla_conv, hybrid_conv
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(2, 23, 19, 3)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(kernel, kernel, 3, 5)), jnp.float32)
+  loss = lambda conv: lambda x, k: jnp.sum(jnp.sin(conv(x, k, stride, padding)))
+  y1, y2 = hybrid_conv(x, k, stride, padding), _xla_conv(x, k, stride, padding)
+  np.testing.assert_array_equal(y1, y2)
+  g1 = jax.grad(loss(hybrid_conv), argnums=(0, 1))(x, k)
+  g2 = jax.grad(loss(_xla_conv), argnums=(0, 1))(x, k)
+  for a, b in zip(g1, g2):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

@@ -9,8 +9,8 @@ The fix: integers add associatively. Each coordinate is quantised once to a
 fixed-point integer ``v = round(x_j * scale_j)`` with a power-of-two ``scale_j``
 chosen from the largest ``|x_j|`` so that ``|v| <= 2**(B-1)``. ``v`` is split into a
 high word ``v >> L`` and a low word ``v & (2**L - 1)``; both are summed in int32
-(scatter-add per chunk), the low word's carry is moved into the high word after
-every chunk, and the two words are ``psum``-med as integers. Nothing overflows by
+(scatter-add per chunk), the low word's carry is moved into the high word every
+few thousand rows, and the two words are ``psum``-med as integers. Nothing overflows by
 construction (see :func:`choose_format`), so the sums are *exact*: the same bits for
 any number of shards, chunk size, or order of points. Only then are they turned
 into float32 means.
@@ -44,8 +44,9 @@ class FixedPointFormat(NamedTuple):
 def choose_format(abs_max: np.ndarray, num_rows: int, chunk: int) -> FixedPointFormat:
   """Picks L (low bits) and B (bits per quantised value) so no int32 sum can overflow.
 
-  Per chunk and cluster the low word grows by at most ``chunk * 2**L`` on top of a
-  normalised ``< 2**L``: ``(chunk+1) * 2**L <= 2**30``. Over all ``N`` rows the high
+  ``chunk`` is the most rows summed between two carries: per cluster the low word
+  grows by at most ``chunk * 2**L`` on top of a normalised ``< 2**L``, and
+  ``(chunk+1) * 2**L <= 2**30``. Over all ``N`` rows the high
   word holds at most ``N * (2**(B-1-L) + 1)`` (values plus carries), which must stay
   below ``2**31``.
   """

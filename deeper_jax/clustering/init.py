@@ -57,9 +57,9 @@ def random_points(x, k: int, seed: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=16)
 def _kmeanspp_fn(mesh: Mesh, layout: RowLayout, k: int):
-  n, per_shard = layout.num_rows, layout.rows_per_shard
+  per_shard = layout.rows_per_shard
 
-  def shard_fn(x, key):
+  def shard_fn(x, n, key):
     rows = shard_index() * per_shard + jnp.arange(per_shard, dtype=jnp.int32)
     valid = rows < n
     gumbel_of_row = jax.vmap(lambda kk, r: jax.random.gumbel(jax.random.fold_in(kk, r)),
@@ -89,12 +89,12 @@ def _kmeanspp_fn(mesh: Mesh, layout: RowLayout, k: int):
     centroids, _ = lax.fori_loop(0, k, body, init)
     return centroids
 
-  return jax.jit(jax.shard_map(shard_fn, mesh=mesh, in_specs=(P(DATA_AXES), P()),
+  return jax.jit(jax.shard_map(shard_fn, mesh=mesh, in_specs=(P(DATA_AXES), P(), P()),
                                out_specs=P(), check_vma=False))
 
 
-def kmeans_plus_plus(x_sharded: jax.Array, mesh: Mesh, layout: RowLayout, k: int,
-                     seed: int) -> np.ndarray:
-  """k-means++ (D^2 sampling) over the sharded rows; O(k * N * d / devices) time."""
+def kmeans_plus_plus(x_sharded: jax.Array, num_valid: int, mesh: Mesh, layout: RowLayout,
+                     k: int, seed: int) -> np.ndarray:
+  """k-means++ (D^2 sampling) over the first ``num_valid`` rows; O(k*N*d/devices) time."""
   key = jax.random.fold_in(jax.random.PRNGKey(seed), 0x2B)
-  return np.asarray(_kmeanspp_fn(mesh, layout, k)(x_sharded, key))
+  return np.asarray(_kmeanspp_fn(mesh, layout, k)(x_sharded, jnp.int32(num_valid), key))

@@ -37,10 +37,16 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from deeper_jax.clustering import assign, checks, fixed_point, init as init_lib
-from deeper_jax.clustering.layout import RowLayout, chunk_rows, plan_rows, put_rows, resolve_mesh
-from deeper_jax.parallel import DATA_AXES
+from deeper_jax.clustering.layout import (RowLayout, chunk_rows, plan_rows, put_rows, resolve_mesh,
+                                         scan_chunks)
+from deeper_jax.parallel import DATA_AXES, replicated
 
 SPLIT_EPS = 1e-7
+# Rows per assignment block at most (also capped by ``chunk_size``): the [rows, 1024]
+# score block then stays in cache; measured fastest (benchmarks/README.md).
+MAX_BLOCK_ROWS = 512
+# Rows summed between two carries of the fixed-point low words.
+CARRY_ROWS = 8192
 
 
 class KMeansResult(NamedTuple):
@@ -71,39 +77,48 @@ def split_empty_clusters(centroids: jax.Array, counts: jax.Array, key: jax.Array
   return centroids
 
 
-def _assign_shard(x, centroids, scale, *, layout: RowLayout, low_bits: int, sums: bool):
+def _carry_period(layout: RowLayout) -> int:
+  """Chunks between two carries of the low words (carrying costs O(k*d))."""
+  return max(1, CARRY_ROWS // layout.chunk)
+
+
+def _assign_shard(x, centroids, scale, num_valid, *, layout: RowLayout, low_bits: int,
+                  sums: bool):
   """One pass over this shard's rows, chunk by chunk.
 
   Returns per-row (assignment, squared distance) [R] and the shard's per-cluster
-  counts (and exact fixed-point sums when ``sums``); padding rows count nowhere.
+  counts (and exact fixed-point sums when ``sums``). Rows with a global id
+  ``>= num_valid`` (a traced scalar, so one compilation serves any N up to the
+  padded size) are padding and count nowhere.
   """
   k, d = centroids.shape
   fmt = fixed_point.FixedPointFormat(scale, low_bits, 0)
-  neg2, sq_norms = assign.centroid_terms(centroids)
-  chunks = x.reshape(layout.chunks_per_shard, layout.chunk, d)
+  tiles = assign.tile_centroids(centroids)
+  period = _carry_period(layout)
 
   def body(carry, inputs):
     xi, i = inputs
-    a = assign.nearest(xi, neg2, sq_norms)
-    valid = chunk_rows(layout, i) < layout.num_rows
+    a = assign.nearest(xi, tiles)
+    valid = chunk_rows(layout, i, xi.shape[0]) < num_valid
     dist = jnp.where(valid, assign.sq_distance(xi, centroids, a), 0.0)
     target = jnp.where(valid, a, k)  # k is out of range: the scatters drop it
     counts = carry["counts"].at[target].add(1, mode="drop")
     new = {"counts": counts, "objective": carry["objective"] + jnp.sum(dist)}
     if sums:
       high, low = fixed_point.encode(xi, fmt)
-      new["high"], new["low"] = fixed_point.normalise(
+      new["high"], new["low"] = lax.cond(
+          i % period == period - 1,
+          lambda h, l: fixed_point.normalise(h, l, low_bits), lambda h, l: (h, l),
           carry["high"].at[target].add(high, mode="drop"),
-          carry["low"].at[target].add(low, mode="drop"), low_bits)
+          carry["low"].at[target].add(low, mode="drop"))
     return new, (a, dist)
 
   carry = {"counts": jnp.zeros((k,), jnp.int32), "objective": jnp.zeros((), jnp.float32)}
   if sums:
     carry["high"] = jnp.zeros((k, d), jnp.int32)
     carry["low"] = jnp.zeros((k, d), jnp.int32)
-  steps = jnp.arange(layout.chunks_per_shard, dtype=jnp.int32)
-  carry, (a, dist) = lax.scan(body, carry, (chunks, steps))
-  return a.reshape(-1), dist.reshape(-1), carry
+  carry, (a, dist) = scan_chunks(body, carry, x, layout)
+  return a, dist, carry
 
 
 @functools.lru_cache(maxsize=32)
@@ -111,8 +126,10 @@ def _kernels(mesh: Mesh, layout: RowLayout, low_bits: int):
   """Jitted (step, final) functions for one mesh and row layout."""
   rows, rep = P(DATA_AXES), P()
 
-  def step_shard(x, centroids, scale, key):
-    _, _, acc = _assign_shard(x, centroids, scale, layout=layout, low_bits=low_bits, sums=True)
+  def step_shard(x, centroids, scale, num_valid, key):
+    _, _, acc = _assign_shard(x, centroids, scale, num_valid, layout=layout, low_bits=low_bits,
+                              sums=True)
+    acc["high"], acc["low"] = fixed_point.normalise(acc["high"], acc["low"], low_bits)
     acc = lax.psum(acc, DATA_AXES)  # int32 sums and counts: exact in any order
     high, low = fixed_point.normalise(acc["high"], acc["low"], low_bits)
     fmt = fixed_point.FixedPointFormat(scale, low_bits, 0)
@@ -121,14 +138,14 @@ def _kernels(mesh: Mesh, layout: RowLayout, low_bits: int):
     new = split_empty_clusters(new, acc["counts"], key)
     return new, acc["objective"], jnp.sum(acc["counts"] == 0)
 
-  def final_shard(x, centroids, scale):
-    a, dist, acc = _assign_shard(x, centroids, scale, layout=layout, low_bits=low_bits,
-                                 sums=False)
+  def final_shard(x, centroids, scale, num_valid):
+    a, dist, acc = _assign_shard(x, centroids, scale, num_valid, layout=layout,
+                                 low_bits=low_bits, sums=False)
     return a, dist, lax.psum(acc["counts"], DATA_AXES)
 
-  step = jax.jit(jax.shard_map(step_shard, mesh=mesh, in_specs=(rows, rep, rep, rep),
+  step = jax.jit(jax.shard_map(step_shard, mesh=mesh, in_specs=(rows, rep, rep, rep, rep),
                                out_specs=(rep, rep, rep), check_vma=False))
-  final = jax.jit(jax.shard_map(final_shard, mesh=mesh, in_specs=(rows, rep, rep),
+  final = jax.jit(jax.shard_map(final_shard, mesh=mesh, in_specs=(rows, rep, rep, rep),
                                 out_specs=(rows, rows, rep), check_vma=False))
   return step, final
 
@@ -140,7 +157,8 @@ def _column_abs_max(x: jax.Array) -> jax.Array:
 
 def kmeans(x, k: int, *, num_iters: int = 10, seed: int = 0, init: str = "random",
            chunk_size: int = 8192, mesh: Mesh | None = None, init_centroids=None,
-           progress: Callable[[int, float], None] | None = None) -> KMeansResult:
+           progress: Callable[[int, float], None] | None = None,
+           num_valid: int | None = None) -> KMeansResult:
   """Clusters the rows of ``x`` [N, d] into ``k`` clusters with Lloyd's algorithm.
 
   Args:
@@ -153,9 +171,18 @@ def kmeans(x, k: int, *, num_iters: int = 10, seed: int = 0, init: str = "random
     mesh: device mesh (default: all devices); rows are split over ``DATA_AXES``.
     init_centroids: optional [k, d] starting centroids; overrides ``init``.
     progress: optional ``fn(iteration, objective)`` called after every iteration
-      with the objective of that iteration's assignment (also logged at INFO).
+      with the objective of that iteration's assignment (also logged with
+      ``absl.logging.vlog(1)``).
+    num_valid: cluster only the first ``num_valid`` rows; the rest of ``x`` is
+      padding. Compiled kernels depend on ``x.shape`` only, so callers whose N
+      varies (level 2 of hierarchical k-means) pad to a few sizes and reuse them.
   """
-  n, d = checks.check_features(x, "x")
+  rows, d = checks.check_features(x, "x")
+  n = rows
+  if num_valid is not None:
+    if not isinstance(num_valid, (int, np.integer)) or not 1 <= num_valid <= rows:
+      raise ValueError(f"num_valid must be an integer in [1, {rows}], got {num_valid!r}.")
+    n = int(num_valid)
   checks.check_num_clusters(k, n)
   checks.check_init(init)
   checks.check_positive(chunk_size, "chunk_size")
@@ -165,28 +192,32 @@ def kmeans(x, k: int, *, num_iters: int = 10, seed: int = 0, init: str = "random
     init_centroids = checks.check_centroids(init_centroids, k, d)
 
   mesh = resolve_mesh(mesh)
-  layout = plan_rows(n, mesh.size, chunk_size)
+  layout = plan_rows(rows, mesh.size, min(chunk_size, MAX_BLOCK_ROWS))
   xs = put_rows(x, mesh, layout)
-  fmt = fixed_point.choose_format(np.asarray(_column_abs_max(xs)), n, layout.chunk)
+  fmt = fixed_point.choose_format(np.asarray(_column_abs_max(xs)), n,
+                                  layout.chunk * _carry_period(layout))
   if init_centroids is not None:
     centroids = init_centroids
   elif init == "random":
-    centroids = init_lib.random_points(x, k, seed)
+    centroids = init_lib.random_points(x[:n], k, seed)
   else:
-    centroids = init_lib.kmeans_plus_plus(xs, mesh, layout, k, seed)
-  centroids = jnp.asarray(centroids, jnp.float32)
+    centroids = init_lib.kmeans_plus_plus(xs, n, mesh, layout, k, seed)
+  # Replicated from the start, as the step returns it: one compilation, not two.
+  centroids = jax.device_put(np.asarray(centroids, np.float32), replicated(mesh))
 
   step, final = _kernels(mesh, layout, fmt.low_bits)
   key = jax.random.PRNGKey(seed)
+  valid = jax.device_put(np.int32(n), replicated(mesh))
   for it in range(num_iters):
-    centroids, objective, num_empty = step(xs, centroids, fmt.scale, jax.random.fold_in(key, it))
+    centroids, objective, num_empty = step(xs, centroids, fmt.scale, valid,
+                                           jax.random.fold_in(key, it))
     if progress is not None or logging.vlog_is_on(1):
       objective = float(objective)
       logging.vlog(1, "k-means iteration %d/%d: objective %.6g, %d empty clusters split",
                    it + 1, num_iters, objective, int(num_empty))
       if progress is not None:
         progress(it, objective)
-  a, dist, sizes = final(xs, centroids, fmt.scale)
+  a, dist, sizes = final(xs, centroids, fmt.scale, valid)
   dist = np.asarray(dist)[:n]
   return KMeansResult(centroids=np.asarray(centroids), assignments=np.asarray(a)[:n],
                       objective=float(np.sum(dist, dtype=np.float64)),

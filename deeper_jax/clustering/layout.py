@@ -5,9 +5,12 @@ Every clustering kernel runs inside ``jax.shard_map`` over all devices of the me
 walks over them ``chunk`` rows at a time, so a kernel's temporaries are
 ``O(chunk * k)`` and no ``N x k`` matrix ever exists.
 
-Padding: ``R`` is a multiple of ``chunk`` and ``num_shards * R >= N``; the padded
-rows are zeros and every kernel masks them out by their *global* row index
-(``row < N``), so the statistics never depend on how much padding there is.
+Padding: ``R = ceil(N / num_shards)``, so fewer than ``num_shards`` zero rows are
+added at the very end, and every kernel masks them out by their *global* row index
+(``row < N``). ``R`` need not be a multiple of ``chunk``: :func:`scan_chunks` runs
+the full chunks in a ``lax.scan`` and the short tail chunk once more. Keeping the
+padding tiny is what lets :func:`put_rows` hand each device a view of the input
+instead of building a padded copy of the whole matrix first (peak memory 1x, not 2x).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from deeper_jax.parallel import DATA_AXES, make_mesh, rows_sharding
 @dataclasses.dataclass(frozen=True)
 class RowLayout:
   """Static shape facts of one padded, sharded, chunked feature matrix."""
-  num_rows: int        # N, real rows
+  num_rows: int        # rows of the input; device padding comes after them
   num_shards: int      # devices in the mesh
   rows_per_shard: int  # R, a multiple of ``chunk``
   chunk: int           # rows per assignment step inside a shard
@@ -36,18 +39,18 @@ class RowLayout:
 
   @property
   def chunks_per_shard(self) -> int:
+    """Full chunks per shard (a shorter tail chunk of ``tail`` rows may follow)."""
     return self.rows_per_shard // self.chunk
 
-
-def _round_up(value: int, multiple: int) -> int:
-  return -(-value // multiple) * multiple
+  @property
+  def tail(self) -> int:
+    return self.rows_per_shard % self.chunk
 
 
 def plan_rows(num_rows: int, num_shards: int, chunk_size: int) -> RowLayout:
-  """Chooses the chunk (at most ``chunk_size``, at least 8 rows) and the padding."""
+  """Rows per shard ``ceil(N / shards)`` and the chunk (at most ``chunk_size``)."""
   per_shard = -(-num_rows // num_shards)
-  chunk = max(1, min(chunk_size, _round_up(per_shard, 8)))
-  return RowLayout(num_rows, num_shards, _round_up(per_shard, chunk), chunk)
+  return RowLayout(num_rows, num_shards, per_shard, max(1, min(chunk_size, per_shard)))
 
 
 def resolve_mesh(mesh: Mesh | None) -> Mesh:
@@ -55,19 +58,28 @@ def resolve_mesh(mesh: Mesh | None) -> Mesh:
 
 
 def put_rows(x, mesh: Mesh, layout: RowLayout) -> jax.Array:
-  """Pads ``x`` [N, d] with zero rows to ``layout.padded_rows`` and shards it by rows.
+  """``x`` [N, d] as float32 [padded_rows, d], split by rows with ``rows_sharding``.
 
-  Numpy input is padded on the host and transferred once with ``rows_sharding``;
-  a jax array is padded on device.
+  Numpy input: each device receives its own slice (a view); only a slice that runs
+  past row N is copied to append its zero rows. A jax array is padded on device.
   """
   extra = layout.padded_rows - layout.num_rows
   if isinstance(x, jax.Array):
-    x = jnp.pad(x.astype(jnp.float32), ((0, extra), (0, 0)))
-  else:
-    x = np.asarray(x, np.float32)
+    x = x.astype(jnp.float32)
     if extra:
-      x = np.concatenate([x, np.zeros((extra, x.shape[1]), np.float32)])
-  return jax.device_put(x, rows_sharding(mesh))
+      x = jnp.pad(x, ((0, extra), (0, 0)))
+    return jax.device_put(x, rows_sharding(mesh))
+  x = np.asarray(x, np.float32)
+  n, d = x.shape
+
+  def shard_rows(index):
+    rows = index[0]
+    start, stop = rows.start or 0, layout.padded_rows if rows.stop is None else rows.stop
+    if stop <= n:
+      return x[start:stop]
+    return np.concatenate([x[start:n], np.zeros((stop - max(start, n), d), np.float32)])
+
+  return jax.make_array_from_callback((layout.padded_rows, d), rows_sharding(mesh), shard_rows)
 
 
 def shard_index() -> jax.Array:
@@ -75,7 +87,25 @@ def shard_index() -> jax.Array:
   return lax.axis_index(DATA_AXES)
 
 
-def chunk_rows(layout: RowLayout, chunk_index) -> jax.Array:
-  """Global row ids of one chunk of this shard (inside shard_map), int32 [chunk]."""
+def chunk_rows(layout: RowLayout, chunk_index, size: int | None = None) -> jax.Array:
+  """Global row ids of one chunk of this shard (inside shard_map), int32 [size]."""
   start = shard_index() * layout.rows_per_shard + chunk_index * layout.chunk
-  return start + jnp.arange(layout.chunk, dtype=jnp.int32)
+  return start + jnp.arange(layout.chunk if size is None else size, dtype=jnp.int32)
+
+
+def scan_chunks(body, carry, x: jax.Array, layout: RowLayout):
+  """``lax.scan`` of ``body(carry, (chunk, chunk_index)) -> (carry, per_row)`` over a shard.
+
+  The full chunks go through one scan; a shorter tail chunk (``layout.tail`` rows)
+  is one more call of ``body`` with its own static shape. Per-row outputs come back
+  concatenated in row order, [R, ...].
+  """
+  full, d = layout.chunks_per_shard * layout.chunk, x.shape[1]
+  chunks = x[:full].reshape(layout.chunks_per_shard, layout.chunk, d)
+  steps = jnp.arange(layout.chunks_per_shard, dtype=jnp.int32)
+  carry, ys = lax.scan(body, carry, (chunks, steps))
+  ys = jax.tree.map(lambda y: y.reshape((full,) + y.shape[2:]), ys)
+  if layout.tail:
+    carry, tail_ys = body(carry, (x[full:], jnp.int32(layout.chunks_per_shard)))
+    ys = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ys, tail_ys)
+  return carry, ys

@@ -36,6 +36,7 @@ function compiles once (the last batch is padded and the padding dropped).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -46,7 +47,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from deeper_jax import parallel
-from deeper_jax.evaluate.progress import Progress
+from deeper_jax.progress import Progress
 
 FEATURES = "features"  # the [N, D] fc7-like output of the backbone
 ALL_LAYERS = "all"
@@ -104,12 +105,19 @@ def image_shape(source) -> tuple[int, int, int]:
   return tuple(int(v) for v in shape)
 
 
+def output_shapes(module, variables, shape_hwc: Sequence[int]
+                  ) -> tuple[int, dict[str, tuple]]:
+  """(feature dim D, {block name: (h, w, c)}) of the backbone, without running it."""
+  dummy = jax.ShapeDtypeStruct((1, *shape_hwc), jnp.float32)
+  features, blocks = jax.eval_shape(
+      lambda v, x: module.apply(v, x, train=False), variables, dummy)
+  return (math.prod(features.shape[1:]),
+          {name: tuple(b.shape[1:]) for name, b in blocks.items()})
+
+
 def block_shapes(module, variables, shape_hwc: Sequence[int]) -> dict[str, tuple]:
   """name -> (h, w, c) of every block the module returns, without running it."""
-  dummy = jax.ShapeDtypeStruct((1, *shape_hwc), jnp.float32)
-  _, blocks = jax.eval_shape(
-      lambda v, x: module.apply(v, x, train=False), variables, dummy)
-  return {name: tuple(b.shape[1:]) for name, b in blocks.items()}
+  return output_shapes(module, variables, shape_hwc)[1]
 
 
 def resolve_layers(layers, available: Sequence[str]) -> list[str]:
@@ -143,14 +151,14 @@ def map_batches(fn: Callable[[np.ndarray], dict[str, jax.Array]], source,
   n = len(indices)
   outputs = {k: np.empty((n, d), dtype) for k, d in out_dims.items()}
   sharding = parallel.rows_sharding(mesh) if mesh is not None else None
-  meter = Progress(name, n, unit="images")
+  meter = Progress(f"{name} (images)", n)
   pending = None
 
   def collect(item):
     result, start, count = item
     for k, v in result.items():
       outputs[k][start:start + count] = np.asarray(v[:count], dtype)
-    meter.update(count)
+    meter.update(meter.done + count)
     if progress is not None:
       progress(meter.done, n)
 
@@ -166,6 +174,24 @@ def map_batches(fn: Callable[[np.ndarray], dict[str, jax.Array]], source,
   if pending is not None:
     collect(pending)
   return outputs
+
+
+@functools.lru_cache(maxsize=16)
+def _extract_fn(module, pooled_hw: tuple[tuple[str, tuple[int, int]], ...]):
+  """Jitted ``(variables, uint8 images) -> {name: [B, d]}``, cached per module.
+
+  Every cycle of a training run extracts with the same module and layers, so
+  the compiled program is reused instead of rebuilt each time.
+  """
+  @jax.jit
+  def apply(variables, images_u8):
+    x = images_u8.astype(jnp.float32) / 255.0
+    features, blocks = module.apply(variables, x, train=False)
+    out = {FEATURES: features.reshape(features.shape[0], -1)}
+    for name, hw in pooled_hw:
+      out[name] = adaptive_avg_pool(blocks[name], hw).reshape(x.shape[0], -1)
+    return out
+  return apply
 
 
 def extract_features(module, variables, source, *, batch_size: int = 512,
@@ -196,29 +222,16 @@ def extract_features(module, variables, source, *, batch_size: int = 512,
     batch_size = -(-batch_size // mesh.size) * mesh.size
     variables = jax.device_put(variables, parallel.replicated(mesh))
 
-  shape = image_shape(source)
-  shapes = block_shapes(module, variables, shape)
+  feature_dim, shapes = output_shapes(module, variables, image_shape(source))
   names = resolve_layers(layers, list(shapes))
   pooled = {k: pool_to_dim(shapes[k], max_dim) for k in names}
-  feature_dim = jax.eval_shape(
-      lambda v, x: module.apply(v, x, train=False)[0], variables,
-      jax.ShapeDtypeStruct((1, *shape), jnp.float32)).shape[-1]
   out_dims = {FEATURES: int(feature_dim)}
   out_dims.update({k: math.prod(pooled[k]) for k in names})
   for k in names:
     logging.info("%s: block %s %s -> pooled %s (%d dims)", name, k, shapes[k],
                  pooled[k], out_dims[k])
 
-  @jax.jit
-  def apply(variables, images_u8):
-    x = images_u8.astype(jnp.float32) / 255.0
-    features, blocks = module.apply(variables, x, train=False)
-    out = {FEATURES: features.reshape(features.shape[0], -1)}
-    for k in names:
-      out[k] = adaptive_avg_pool(blocks[k], pooled[k][:2]).reshape(
-          x.shape[0], -1)
-    return out
-
+  apply = _extract_fn(module, tuple((k, pooled[k][:2]) for k in names))
   return map_batches(lambda images: apply(variables, images), source, indices,
                      batch_size=batch_size, out_dims=out_dims, dtype=dtype,
                      mesh=mesh, name=name, progress=progress)

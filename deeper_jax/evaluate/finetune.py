@@ -9,9 +9,19 @@ order, the same optimizer (SGD + momentum, cosine schedule, weight decay) and
 the same number of steps; only the initial backbone differs. No augmentation:
 the comparison is about the initialisation, and the default budget is small.
 
+The head normalises its input per dimension (BatchNorm without scale and
+offset, running statistics at test time; a linear map at inference, as in
+MAE's linear probing). Why: the scale of ``features`` differs by orders of
+magnitude between a trained backbone and a fresh one whose fc layers start
+from the reference N(0, 0.01) init. Without it a fresh width-8 small_cnn28
+still predicted a single class after 40 steps (loss 2.30, the plateau of a
+tiny-logit start), so a small budget compared a trained network with an
+untrained one rather than two initialisations; with it, 30 steps on 1% of
+Fashion-MNIST reach ~64% from scratch.
+
 Runs on the default device (no mesh): the subsets are small by design. The
-training step is jitted once per (module, batch shape) and reused by every
-run; the state is donated.
+training step is jitted once per (module, hyper-parameters, batch shape) and
+reused by every run; the state is donated.
 """
 from __future__ import annotations
 
@@ -22,12 +32,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from flax.core import unfreeze
 
-from deeper_jax.evaluate.features import image_shape, map_batches
-from deeper_jax.evaluate.progress import Progress
+from deeper_jax.evaluate.features import image_shape, map_batches, output_shapes
+from deeper_jax.progress import Progress
 
 HEAD_INIT_STD = 0.01  # the reference heads' N(0, 0.01) init
+HEAD_BN_MOMENTUM = 0.9
+HEAD_BN_EPS = 1e-5
 
 
 def fraction_key(fraction: float) -> str:
@@ -60,6 +73,7 @@ def class_balanced_subset(labels, fraction: float, *, seed: int = 0,
 
 def default_init_fn(module, shape_hwc: Sequence[int]) -> Callable[[jax.Array], Any]:
   """``init_fn(key) -> variables`` of a fresh backbone for images of ``shape_hwc``."""
+  @jax.jit  # compiled init is faster than flax's op-by-op eager init
   def init_fn(key):
     dummy = jnp.zeros((1, *shape_hwc), jnp.float32)
     return module.init({"params": key, "dropout": key}, dummy, train=False)
@@ -82,27 +96,51 @@ def make_optimizer(*, steps: int, lr: float, momentum: float,
       optax.sgd(optax.cosine_decay_schedule(lr, steps), momentum=momentum))
 
 
+def head_logits(head: dict, features: jax.Array, *, train: bool,
+                momentum: float = HEAD_BN_MOMENTUM) -> tuple[jax.Array, dict]:
+  """Linear head on ``relu(features)`` normalised without affine (BatchNorm).
+
+  Returns (logits, head with updated running mean/var when ``train``).
+  """
+  h = jax.nn.relu(features)
+  if train:
+    mean, var = h.mean(0), h.var(0)
+    head = dict(head,
+                mean=momentum * head["mean"] + (1 - momentum) * mean,
+                var=momentum * head["var"] + (1 - momentum) * var)
+  else:
+    mean, var = head["mean"], head["var"]
+  h = (h - mean) * jax.lax.rsqrt(var + HEAD_BN_EPS)
+  return h @ head["w"] + head["b"], head
+
+
 @functools.lru_cache(maxsize=8)
 def _train_step(module, steps: int, lr: float, momentum: float, weight_decay: float):
   """Jitted ``(params, state, opt_state, images, labels, key) -> (..., loss)``.
 
-  Cached on the module and the hyper-parameters, so the pretrained and the
-  scratch runs of every fraction share one compilation.
+  ``params = {'backbone', 'head': {w, b}}``; ``state = {'backbone': its
+  non-param collections, 'head': {mean, var}}``. Cached on the module and the
+  hyper-parameters, so the pretrained and the scratch runs of every fraction
+  share one compilation.
   """
   optimizer = make_optimizer(steps=steps, lr=lr, momentum=momentum,
                              weight_decay=weight_decay)
+
   def loss_fn(params, state, images, labels, key):
     x = images.astype(jnp.float32) / 255.0
-    variables = {"params": params["backbone"], **state}
-    if state:
-      (features, _), new_state = module.apply(
-          variables, x, train=True, rngs={"dropout": key}, mutable=list(state))
+    collections = state["backbone"]
+    variables = {"params": params["backbone"], **collections}
+    if collections:
+      (features, _), collections = module.apply(
+          variables, x, train=True, rngs={"dropout": key}, mutable=list(collections))
     else:
       features, _ = module.apply(variables, x, train=True, rngs={"dropout": key})
-      new_state = state
-    logits = jax.nn.relu(features) @ params["head"]["w"] + params["head"]["b"]
+    logits, head = head_logits({**params["head"], **state["head"]}, features,
+                               train=True)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    return loss, dict(new_state)
+    new_state = {"backbone": dict(collections),
+                 "head": {"mean": head["mean"], "var": head["var"]}}
+    return loss, new_state
 
   @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
   def step(params, state, opt_state, images, labels, key):
@@ -113,14 +151,25 @@ def _train_step(module, steps: int, lr: float, momentum: float, weight_decay: fl
   return step
 
 
+@functools.lru_cache(maxsize=8)
+def _eval_logits(module):
+  @jax.jit
+  def logits(variables, head, images):
+    features, _ = module.apply(variables, images.astype(jnp.float32) / 255.0,
+                               train=False)
+    return head_logits(head, features, train=False)[0]
+  return logits
+
+
 def train_classifier(module, variables, source, indices, *, steps: int,
-                     batch_size: int = 64, lr: float = 0.05, momentum: float = 0.9,
+                     batch_size: int = 64, lr: float = 0.1, momentum: float = 0.9,
                      weight_decay: float = 5e-4, seed: int = 0,
                      num_classes: int | None = None,
                      name: str = "finetune") -> tuple[Any, dict]:
   """Supervised training of backbone + a new linear head on ``source[indices]``.
 
-  Returns ``(backbone_variables, head_params)``. Batches walk through a fresh
+  Returns ``(backbone_variables, head)`` with ``head = {w, b, mean, var}``
+  (see :func:`head_logits`). Batches walk through a fresh
   seeded permutation of ``indices`` each pass, so two calls with the same seed
   see the same images in the same order whatever the initial weights.
   """
@@ -137,12 +186,12 @@ def train_classifier(module, variables, source, indices, *, steps: int,
   params, state = _split(variables)
   key = jax.random.key(seed)
   head_key, key = jax.random.split(key)
-  dim = jax.eval_shape(lambda v: module.apply(
-      v, jnp.zeros((1, *image_shape(source)), jnp.float32), train=False)[0],
-      variables).shape[-1]
+  dim, _ = output_shapes(module, variables, image_shape(source))
   params = {"backbone": params, "head": {
       "w": HEAD_INIT_STD * jax.random.normal(head_key, (dim, num_classes)),
       "b": jnp.zeros((num_classes,))}}
+  state = {"backbone": state,
+           "head": {"mean": jnp.zeros((dim,)), "var": jnp.ones((dim,))}}
   # Copies: the step donates its inputs and the caller keeps its variables.
   params, state = jax.tree.map(jnp.array, (params, state))
   opt_state = make_optimizer(steps=steps, lr=lr, momentum=momentum,
@@ -151,18 +200,26 @@ def train_classifier(module, variables, source, indices, *, steps: int,
 
   rng = np.random.default_rng(seed)
   order, position = rng.permutation(indices), 0
-  meter = Progress(name, steps, unit="steps")
+  meter = Progress(f"{name} (steps)", steps)
+  previous_loss = None
   for i in range(steps):
     if position + batch_size > order.size:
       order, position = rng.permutation(indices), 0
     batch = np.sort(order[position:position + batch_size])
     position += batch_size
     images = np.asarray(source.images(batch))
-    params, state, opt_state, _ = step(
+    params, state, opt_state, loss = step(
         params, state, opt_state, images, np.asarray(labels[batch], np.int32),
         jax.random.fold_in(key, i))
-    meter.update(1)
-  return {"params": params["backbone"], **state}, params["head"]
+    # One step in flight: the next batch is read while this one computes, and
+    # the progress line still times real work.
+    if previous_loss is not None:
+      previous_loss.block_until_ready()
+    previous_loss = loss
+    meter.update(i + 1)
+  logging.info("%s: final batch loss %.4f", name, float(loss))
+  return ({"params": params["backbone"], **state["backbone"]},
+          {**params["head"], **state["head"]})
 
 
 def classifier_accuracy(module, variables, head, source, *, batch_size: int = 512,
@@ -173,13 +230,7 @@ def classifier_accuracy(module, variables, head, source, *, batch_size: int = 51
   indices = np.arange(len(source)) if indices is None else np.asarray(indices)
   batch_size = min(batch_size, max(indices.size, 1))
   num_classes = head["b"].shape[0]
-
-  @jax.jit
-  def logits(variables, head, images):
-    features, _ = module.apply(variables, images.astype(jnp.float32) / 255.0,
-                               train=False)
-    return jax.nn.relu(features) @ head["w"] + head["b"]
-
+  logits = _eval_logits(module)
   out = map_batches(lambda images: {"logits": logits(variables, head, images)},
                     source, indices, batch_size=batch_size,
                     out_dims={"logits": num_classes}, name="finetune eval")
@@ -190,7 +241,7 @@ def classifier_accuracy(module, variables, head, source, *, batch_size: int = 51
 def finetune_few_labels(module, variables, train_source, test_source, *,
                         init_fn: Callable[[jax.Array], Any] | None = None,
                         fractions: Sequence[float] = (0.01, 0.1), steps: int = 300,
-                        batch_size: int = 64, lr: float = 0.05, momentum: float = 0.9,
+                        batch_size: int = 64, lr: float = 0.1, momentum: float = 0.9,
                         weight_decay: float = 5e-4, seed: int = 0,
                         eval_batch_size: int = 512,
                         test_indices: np.ndarray | None = None

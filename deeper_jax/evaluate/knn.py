@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deeper_jax import parallel
+from deeper_jax.progress import Progress
 
 WEIGHTINGS = ("exp", "majority")
 
@@ -64,9 +65,11 @@ def knn_predict(train_x, train_y, test_x, *, k: int = 20,
     return jnp.argmax(jnp.einsum("qk,qkc->qc", weights, onehot), axis=-1)
 
   preds = []
+  meter = Progress("knn (queries)", test_x.shape[0])
   for start in range(0, test_x.shape[0], chunk_size):
     chunk, count = parallel.pad_rows(test_x[start:start + chunk_size], chunk_size)
     preds.append(np.asarray(vote(bank, bank_labels, chunk))[:count])
+    meter.update(start + count)
   return np.concatenate(preds) if preds else np.zeros((0,), np.int32)
 
 

@@ -19,6 +19,7 @@ on the device; the Python loop over epochs only logs progress.
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from typing import Mapping, NamedTuple, Sequence
@@ -29,7 +30,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from deeper_jax.evaluate.progress import Progress, format_seconds
+from deeper_jax.progress import Progress
 
 
 class ProbeResult(NamedTuple):
@@ -77,15 +78,56 @@ def _accuracy(params, mean, scale, x, y, chunk: int = 8192) -> float:
   return correct / max(x.shape[0], 1)
 
 
+def _optimizer(total_steps: int, lr: float, momentum: float,
+               weight_decay: float) -> optax.GradientTransformation:
+  return optax.chain(
+      optax.add_decayed_weights(weight_decay, mask={"w": True, "b": False}),
+      optax.sgd(optax.cosine_decay_schedule(lr, total_steps), momentum=momentum))
+
+
+def _loss(p, xb, yb, mean, scale):
+  logits = ((xb - mean) * scale) @ p["w"] + p["b"]
+  return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+
+@functools.lru_cache(maxsize=32)
+def _epoch_fn(n: int, steps: int, batch_size: int, total_steps: int, lr: float,
+              momentum: float, weight_decay: float):
+  """Jitted epoch, cached so that probes of the same shape share a compilation.
+
+  The data are arguments, not closed-over constants: XLA would otherwise embed
+  the whole [N, D] matrix in the compiled program.
+  """
+  optimizer = _optimizer(total_steps, lr, momentum, weight_decay)
+
+  @jax.jit
+  def run_epoch(p, state, key, epoch, x, y, mean, scale):
+    perm = jax.random.permutation(jax.random.fold_in(key, epoch), n)
+    batches = perm[:steps * batch_size].reshape(steps, batch_size)
+
+    def step(carry, idx):
+      p, state = carry
+      loss, grads = jax.value_and_grad(_loss)(p, x[idx], y[idx], mean, scale)
+      updates, state = optimizer.update(grads, state, p)
+      return (optax.apply_updates(p, updates), state), loss
+
+    (p, state), losses = jax.lax.scan(step, (p, state), batches)
+    return p, state, losses.mean()
+  return run_epoch
+
+
 def train_linear_probe(train_x, train_y, test_x, test_y, *,
-                       num_classes: int | None = None, epochs: int = 20,
-                       batch_size: int = 256, lr: float = 0.5,
-                       momentum: float = 0.9, weight_decay: float = 1e-4,
+                       num_classes: int | None = None, epochs: int = 10,
+                       batch_size: int = 256, lr: float = 10.0,
+                       momentum: float = 0.9, weight_decay: float = 1e-6,
                        seed: int = 0, name: str = "probe") -> ProbeResult:
   """Trains a linear classifier on ``train_x`` and reports top-1 on ``test_x``.
 
-  ``lr`` is the peak of a cosine schedule over ``epochs`` (it applies to the
-  standardised, ``1/sqrt(D)``-scaled features; see the module docstring).
+  ``lr`` is the peak of a cosine schedule over ``epochs``. It applies to the
+  standardised, ``1/sqrt(D)``-scaled features (see the module docstring), which
+  is why it is large: 10 was best or within 0.5 point of best on Fashion-MNIST
+  for raw pixels (784-d) and for small-CNN blocks and features (256 to 6272-d);
+  the tiny default weight decay matters only when N is not much larger than D.
   Deterministic for a given ``seed`` on a given device and XLA version.
   """
   start_time = time.perf_counter()
@@ -110,41 +152,21 @@ def train_linear_probe(train_x, train_y, test_x, test_y, *,
   x = jnp.asarray(train_x)
   y = jnp.asarray(train_y)
 
-  schedule = optax.cosine_decay_schedule(lr, epochs * steps)
-  optimizer = optax.chain(
-      optax.add_decayed_weights(weight_decay, mask={"w": True, "b": False}),
-      optax.sgd(schedule, momentum=momentum))
+  optimizer = _optimizer(epochs * steps, lr, momentum, weight_decay)
   params = {"w": jnp.zeros((dim, num_classes), jnp.float32),
             "b": jnp.zeros((num_classes,), jnp.float32)}
   opt_state = optimizer.init(params)
   key = jax.random.key(seed)
+  run_epoch = _epoch_fn(n, steps, batch_size, epochs * steps, float(lr),
+                        float(momentum), float(weight_decay))
 
-  def loss_fn(p, xb, yb, mean, scale):
-    logits = ((xb - mean) * scale) @ p["w"] + p["b"]
-    return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
-
-  # Data are arguments, not closed-over constants: XLA would otherwise embed
-  # the whole [N, D] matrix in the compiled program.
-  @jax.jit
-  def run_epoch(p, state, epoch, x, y, mean, scale):
-    perm = jax.random.permutation(jax.random.fold_in(key, epoch), n)
-    batches = perm[:steps * batch_size].reshape(steps, batch_size)
-
-    def step(carry, idx):
-      p, state = carry
-      loss, grads = jax.value_and_grad(loss_fn)(p, x[idx], y[idx], mean, scale)
-      updates, state = optimizer.update(grads, state, p)
-      return (optax.apply_updates(p, updates), state), loss
-
-    (p, state), losses = jax.lax.scan(step, (p, state), batches)
-    return p, state, losses.mean()
-
-  meter = Progress(name, epochs, unit="epochs")
+  meter = Progress(f"{name} (epochs)", epochs)
   loss = jnp.nan
   for epoch in range(epochs):
-    params, opt_state, loss = run_epoch(params, opt_state, epoch, x, y, mean,
-                                        scale)
-    meter.update(1)
+    params, opt_state, loss = run_epoch(params, opt_state, key, epoch, x, y,
+                                        mean, scale)
+    loss.block_until_ready()  # so that the progress line times real work
+    meter.update(epoch + 1)
 
   test_top1 = _accuracy(params, mean, scale, test_x, test_y)
   train_top1 = _accuracy(params, mean, scale, train_x, train_y)
@@ -166,17 +188,17 @@ def linear_probe_by_layer(train_features: Mapping[str, np.ndarray], train_y,
   if missing:
     raise ValueError(f"layers {missing} are missing from the train or test "
                      f"features; extract them first (extract_features(layers=...)).")
-  meter = Progress("linear probes", len(layers), unit="layers", every_s=0.0)
+  meter = Progress("linear probes (layers)", len(layers), every_seconds=0.0)
   results = {}
-  for layer in layers:
+  for i, layer in enumerate(layers):
     result = train_linear_probe(train_features[layer], train_y,
                                 test_features[layer], test_y,
                                 name=f"probe {layer}", **probe_kwargs)
     results[layer] = result
-    logging.info("probe %s (%d dims): test top-1 %.2f%%, train %.2f%% in %s",
+    logging.info("probe %s (%d dims): test top-1 %.2f%%, train %.2f%% in %.1fs",
                  layer, result.dim, 100 * result.test_top1,
-                 100 * result.train_top1, format_seconds(result.seconds))
-    meter.update(1)
+                 100 * result.train_top1, result.seconds)
+    meter.update(i + 1)
   return results
 
 

@@ -68,7 +68,6 @@ from deeper_jax.evaluate.features import ALL_LAYERS, FEATURES, extract_features
 from deeper_jax.evaluate.finetune import finetune_few_labels
 from deeper_jax.evaluate.knn import knn_accuracy
 from deeper_jax.evaluate.linear_probe import linear_probe_by_layer, plot_probe_by_layer
-from deeper_jax.evaluate.progress import format_seconds
 
 DEFAULTS: dict[str, Any] = {
     "extract_batch_size": 512,
@@ -181,7 +180,7 @@ def run_evaluation(module, variables, datasets, eval_config=None, *, workdir: st
     start = time.perf_counter()
     value = fn()
     timings[name] = time.perf_counter() - start
-    logging.info("eval: %s done in %s", name, format_seconds(timings[name]))
+    logging.info("eval: %s done in %.1fs", name, timings[name])
     return value
 
   want_probes = cfg["probe_epochs"] > 0

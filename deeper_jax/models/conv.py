@@ -1,33 +1,40 @@
-"""A 2-D convolution whose computation can be switched between XLA's conv and im2col.
+"""A 2-D convolution with a switchable implementation (``model.conv_impl``).
 
-Why two implementations: on GPU/TPU, XLA's native convolution is the fast path. On CPU,
-XLA's convolution kernels are several times slower than its matrix multiply (DESIGN §6),
-so writing the convolution as "gather the k×k shifted copies of the input, concatenate
-them along channels, multiply by the kernel matrix" (im2col) trades memory for a single
-large GEMM. Both read the same parameters (``kernel`` [kh, kw, C_in, C_out], ``bias``),
-so a checkpoint trained with one runs with the other.
+* ``xla``: ``lax.conv_general_dilated`` for everything. The fast path on GPU/TPU.
+* ``hybrid``: XLA's conv for the forward pass and the input gradient, but the kernel
+  gradient as GEMMs (``kernel_grad_by_rows``). On CPU, XLA's forward and input-gradient
+  convs ran about as fast as PyTorch's oneDNN ones, while its kernel gradient (lowered as
+  a convolution with an H×W window) ran 3–4× slower; this is what closed the gap
+  (benchmarks/README.md, "train step"). The CPU default.
+* ``patches``: im2col (k² shifted copies concatenated along channels) × kernel matrix,
+  differentiated by XLA. Kept as a measured alternative: the copies cost more than the
+  GEMM saves at VGG's sizes.
+
+All read the same parameters (``kernel`` [kh, kw, C_in, C_out], ``bias``), so a
+checkpoint trained with one runs with any other.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-CONV_IMPLS = ("auto", "xla", "patches")
+CONV_IMPLS = ("auto", "xla", "patches", "hybrid")
 
 
 def resolve_conv_impl(conv_impl: str) -> str:
   """'auto' → the implementation measured fastest on the default backend.
 
-  'patches' on CPU (see benchmarks/README.md, "train step"), 'xla' elsewhere.
+  'hybrid' on CPU (see benchmarks/README.md, "train step"), 'xla' elsewhere.
   """
   if conv_impl not in CONV_IMPLS:
     raise ValueError(f"model.conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}.")
   if conv_impl != "auto":
     return conv_impl
-  return "patches" if jax.default_backend() == "cpu" else "xla"
+  return "hybrid" if jax.default_backend() == "cpu" else "xla"
 
 
 def he_fan_out_init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32
@@ -35,6 +42,61 @@ def he_fan_out_init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.flo
   """normal(0, sqrt(2 / (kh·kw·C_out))), the init of the reference VGG/AlexNet code."""
   kh, kw, _, c_out = shape
   return jax.random.normal(key, shape, dtype) * jnp.sqrt(2.0 / (kh * kw * c_out)).astype(dtype)
+
+
+def _xla_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+  return jax.lax.conv_general_dilated(
+      x, kernel, window_strides=(stride, stride), padding=((padding, padding),) * 2,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def kernel_grad_by_rows(x: jax.Array, dy: jax.Array, kernel_size: int, padding: int
+                        ) -> jax.Array:
+  """dL/dkernel of a stride-1 conv as k GEMMs, without a full im2col.
+
+  dK[i, j] = Σ_{b,h,w} xp[b, h+i, w+j] ⊗ dy[b, h, w]. The k column shifts are
+  concatenated along channels once (t: [B, Hp, W, k·C], k× the input instead of k²×);
+  the row shift i is applied to dy instead (zero-padded by i rows above, k-1-i below,
+  cheap when C_out ≤ k·C_in), so each row of the kernel is one GEMM
+  t_flat^T @ dy_i_flat with a long contraction. XLA CPU's own kernel gradient
+  (a convolution with a H×W window) ran 1.7–1.9× slower on VGG's middle layers.
+  """
+  k, p = kernel_size, padding
+  b, h, w, c = x.shape
+  ho, wo = dy.shape[1], dy.shape[2]
+  xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  hp = xp.shape[1]
+  t = jnp.concatenate([xp[:, :, j:j + wo] for j in range(k)], axis=-1).reshape(-1, k * c)
+  rows = []
+  for i in range(k):
+    dy_i = jnp.pad(dy, ((0, 0), (i, hp - ho - i), (0, 0), (0, 0))).reshape(-1, dy.shape[-1])
+    rows.append(jnp.dot(t.T, dy_i).reshape(k, c, dy.shape[-1]))
+  return jnp.stack(rows)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def hybrid_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+  """XLA's conv forward and input gradient; the kernel gradient as GEMMs (stride 1)."""
+  return _xla_conv(x, kernel, stride, padding)
+
+
+def _hybrid_fwd(x, kernel, stride, padding):
+  return _xla_conv(x, kernel, stride, padding), (x, kernel)
+
+
+def _hybrid_bwd(stride, padding, residuals, dy):
+  x, kernel = residuals
+  _, x_vjp = jax.vjp(lambda x_: _xla_conv(x_, kernel, stride, padding), x)
+  (dx,) = x_vjp(dy)
+  if stride == 1:
+    dk = kernel_grad_by_rows(x, dy, kernel.shape[0], padding).astype(kernel.dtype)
+  else:
+    _, k_vjp = jax.vjp(lambda k_: _xla_conv(x, k_, stride, padding), kernel)
+    (dk,) = k_vjp(dy)
+  return dx, dk
+
+
+hybrid_conv.defvjp(_hybrid_fwd, _hybrid_bwd)
 
 
 def im2col(x: jax.Array, kernel_size: tuple[int, int], strides: tuple[int, int]
@@ -76,10 +138,11 @@ class Conv2D(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
     x = x.astype(self.dtype)
     kernel = kernel.astype(self.dtype)
-    if resolve_conv_impl(self.conv_impl) == "xla":
-      y = jax.lax.conv_general_dilated(
-          x, kernel, window_strides=(s, s), padding=((p, p), (p, p)),
-          dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    impl = resolve_conv_impl(self.conv_impl)
+    if impl == "xla":
+      y = _xla_conv(x, kernel, s, p)
+    elif impl == "hybrid":
+      y = hybrid_conv(x, kernel, s, p)
     else:
       if p:
         x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))

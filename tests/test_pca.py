@@ -1,0 +1,126 @@
+"""PCA-whitening + L2 (deeper_jax.clustering.pca) on real Fashion-MNIST pixels."""
+import functools
+import gzip
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from deeper_jax.clustering.pca import (EIGENVALUE_FLOOR, apply_pca_whitening,  # noqa: E402
+                                       fit_pca_whitening, sample_rows, whitened)
+
+FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+@functools.lru_cache(maxsize=None)
+def pixels(n: int) -> np.ndarray:
+  """The first n real Fashion-MNIST training images, float32 [n, 784] in [0, 1]."""
+  try:
+    from deeper_jax.data.fashion_mnist import load_fashion_mnist
+    images = load_fashion_mnist("train").images(np.arange(n))
+  except ImportError:  # the data package is optional for these tests
+    with gzip.open(os.path.join(FMNIST_DIR, "train-images-idx3-ubyte.gz")) as f:
+      images = np.frombuffer(f.read(16 + n * 784), np.uint8, offset=16)
+  return images.reshape(n, -1).astype(np.float32) / 255.0
+
+
+def features(n: int = 1500, d: int = 64) -> np.ndarray:
+  """Real images downsampled to 8x8 = 64 dims (a full-rank, strongly correlated input)."""
+  return pixels(n).reshape(n, 28, 28)[:, 2:26, 2:26].reshape(n, 8, 3, 8, 3).mean((2, 4)).reshape(
+      n, -1)[:, :d].copy()
+
+
+def test_whitened_sample_has_identity_covariance():
+  x = features()
+  pca = fit_pca_whitening(x, 32, sample_size=1000, seed=3)
+  sample = x[sample_rows(len(x), 1000, seed=3)]
+  w = whitened(pca, sample)
+  np.testing.assert_allclose(w.mean(axis=0), 0.0, atol=1e-4)
+  np.testing.assert_allclose(np.cov(w.T), np.eye(32), atol=2e-3)
+
+
+def test_output_rows_are_unit_norm_and_match_a_numpy_reference():
+  x = features()
+  pca = fit_pca_whitening(x, 16)
+  y = apply_pca_whitening(pca, x)
+  assert y.shape == (len(x), 16) and y.dtype == np.float32
+  np.testing.assert_allclose(np.linalg.norm(y, axis=1), 1.0, rtol=1e-5)
+  # Reference: eigh of np.cov in float64, same sign convention.
+  values, vectors = np.linalg.eigh(np.cov(x.astype(np.float64).T))
+  values, vectors = values[::-1][:16], vectors[:, ::-1][:, :16]
+  vectors *= np.sign(vectors[np.abs(vectors).argmax(0), np.arange(16)])
+  ref = (x - x.mean(0)) @ (vectors / np.sqrt(values))
+  ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+  np.testing.assert_allclose(y, ref, atol=2e-3)
+
+
+def test_top_directions_are_kept_in_order():
+  x = features()
+  full = whitened(fit_pca_whitening(x, 32), x)
+  top = whitened(fit_pca_whitening(x, 8), x)
+  np.testing.assert_allclose(top, full[:, :8], atol=1e-4)
+
+
+def test_eigenvalues_are_floored_so_null_directions_stay_finite():
+  x = features()
+  x = np.concatenate([x, x[:, :4] * 2.0], axis=1)  # 4 exactly dependent columns: rank 64 of 68
+  pca = fit_pca_whitening(x, 68)
+  assert np.isfinite(pca.projection).all()
+  variance = np.var(whitened(pca, x), axis=0, ddof=1)
+  np.testing.assert_allclose(variance[:60], 1.0, atol=1e-2)
+  # Null directions: eigenvalue ~0 floored to 1e-5 * max, so their variance is ~0, not 1.
+  assert variance[-4:].max() < 1e-2
+  largest = np.linalg.eigvalsh(np.cov(x.T)).max()
+  assert np.abs(pca.projection[:, -1]).max() <= 1.01 / np.sqrt(EIGENVALUE_FLOOR * largest)
+
+
+def test_chunked_application_matches_one_chunk():
+  x = features()
+  pca = fit_pca_whitening(x, 16)
+  np.testing.assert_allclose(apply_pca_whitening(pca, x, chunk_size=97),
+                             apply_pca_whitening(pca, x, chunk_size=len(x)), atol=1e-6)
+
+
+def test_refit_on_same_data_is_identical():
+  x = features()
+  a = fit_pca_whitening(x, 16, sample_size=800, seed=1)
+  b = fit_pca_whitening(x, 16, sample_size=800, seed=1)
+  np.testing.assert_array_equal(a.projection, b.projection)
+  np.testing.assert_array_equal(a.mean, b.mean)
+
+
+def test_eight_devices_fit_the_same_whitening():
+  from conftest import run_with_devices
+  code = """
+    import json, sys, numpy as np
+    sys.path.insert(0, 'tests')
+    from test_pca import features
+    from deeper_jax.clustering.pca import fit_pca_whitening, apply_pca_whitening
+    x = features(1001)
+    pca = fit_pca_whitening(x, 16, sample_size=777, seed=2)
+    print(json.dumps(apply_pca_whitening(pca, x, chunk_size=50).tolist()))
+  """
+  one, eight = run_with_devices(code, 1), run_with_devices(code, 8)
+  np.testing.assert_allclose(np.array(one), np.array(eight), atol=1e-5)
+
+
+def test_invalid_inputs_raise_clear_errors():
+  x = features()
+  with pytest.raises(ValueError, match=r"dim must be an integer in \[1, d=64\], got 65"):
+    fit_pca_whitening(x, 65)
+  with pytest.raises(ValueError, match=r"PCA needs at least 2 rows"):
+    fit_pca_whitening(x, 8, sample_size=1)
+  pca = fit_pca_whitening(x, 8)
+  with pytest.raises(ValueError, match=r"x has d=63 columns but the PCA was fitted on 64"):
+    apply_pca_whitening(pca, x[:, :63])
+  bad = x.copy()
+  bad[3, 3] = np.nan
+  with pytest.raises(ValueError, match=r"x contains NaN or inf values"):
+    fit_pca_whitening(bad, 8)
+  with pytest.raises(ValueError, match=r"x contains NaN or inf values"):
+    apply_pca_whitening(pca, bad)
+  with pytest.raises(ValueError, match=r"zero variance"):
+    fit_pca_whitening(np.ones((10, 4), np.float32), 2)
