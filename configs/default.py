@@ -25,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   config.model.name = "small_cnn28"   # see deeper_jax/models/__init__.py
   config.model.sobel = True           # fixed grayscale + Sobel front end (paper §4.3)
-  config.model.width = 32             # channels of the first block; doubles per block
+  config.model.width = 16             # channels of the first block; doubles per block
   config.model.feature_dim = 256      # D: the fc7-like layer the heads and k-means read
   config.model.dropout = 0.5
   config.model.mean = (0.286,)        # Fashion-MNIST pixel statistics, applied in the model

@@ -37,6 +37,27 @@ from deeper_jax.data import sampler
 from deeper_jax.progress import Progress
 
 
+def device_batch(source, indices: np.ndarray, sub_labels: np.ndarray,
+                 shardings: dict) -> dict:
+  """The global batch ``[S, b, ...]`` as sharded arrays, each host reading only its part.
+
+  ``make_array_from_callback`` asks for the shards of this process's devices only, so
+  on a multi-host mesh every process decodes just the images its devices train on.
+  """
+  image_shape = tuple(source.image_shape)
+
+  def images(index):
+    rows = indices[index[:2]]
+    return source.images(rows.reshape(-1)).reshape(rows.shape + image_shape)
+
+  return {
+      "images": jax.make_array_from_callback(indices.shape + image_shape,
+                                             shardings["images"], images),
+      "sub_labels": jax.make_array_from_callback(
+          indices.shape, shardings["sub_labels"], lambda index: sub_labels[indices[index]]),
+  }
+
+
 def _fetch_metrics(pending: list) -> list[dict]:
   return [jax.tree.map(float, m) for m in jax.device_get(pending)]
 
@@ -126,11 +147,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         bar = Progress(f"cycle {cycle} epoch {epoch}", len(plan))
         pending, first_pending = [], int(state.step)
         for i in range(progress["step_in_epoch"], len(plan)):
-          idx = plan[i]
-          batch = {"images": train_source.images(idx.reshape(-1)).reshape(
-                       idx.shape + tuple(image_shape)),
-                   "sub_labels": sub_labels[idx]}
-          batch = jax.device_put(batch, batch_shardings)
+          batch = device_batch(train_source, plan[i], sub_labels, batch_shardings)
           step_rng = jax.random.fold_in(base_rng, int(first_pending + len(pending)))
           state, metrics = train_step(state, batch, step_rng)
           pending.append(metrics)

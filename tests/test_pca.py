@@ -104,7 +104,9 @@ def test_eight_devices_fit_the_same_whitening():
     print(json.dumps(apply_pca_whitening(pca, x, chunk_size=50).tolist()))
   """
   one, eight = run_with_devices(code, 1), run_with_devices(code, 8)
-  np.testing.assert_allclose(np.array(one), np.array(eight), atol=1e-5)
+  # Float psums add in a different order on 8 shards (unlike k-means' exact integer
+  # sums), and whitening amplifies the last bits of small-eigenvalue directions.
+  np.testing.assert_allclose(np.array(one), np.array(eight), atol=1e-4)
 
 
 def test_invalid_inputs_raise_clear_errors():

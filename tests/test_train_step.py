@@ -128,3 +128,25 @@ def test_the_step_compiles_once_across_steps_and_batches():
     assert np.isfinite(float(metrics["loss"]))
   assert int(state.step) == 3
   assert step._cache_size() == 1  # one compilation for all three steps
+
+
+def test_each_device_gets_its_own_slice_of_the_global_batch(with_devices):
+  """``device_batch`` builds the sharded batch from per-shard reads (multi-host path)."""
+  info = with_devices("""
+    import json
+    import jax, numpy as np
+    from deeper_jax import parallel, train, train_step as step_lib
+    from deeper_jax.data.fashion_mnist import load_fashion_mnist
+    source = load_fashion_mnist('test')
+    mesh = parallel.make_mesh(4)
+    indices = np.arange(4 * 6).reshape(4, 6) * 3
+    sub = (np.arange(len(source)) % 7).astype(np.int32)
+    batch = train.device_batch(source, indices, sub, step_lib.batch_shardings(mesh))
+    same = (np.array_equal(np.asarray(batch['images']),
+                           source.images(indices.reshape(-1)).reshape(4, 6, 28, 28, 1))
+            and np.array_equal(np.asarray(batch['sub_labels']), sub[indices]))
+    shard = batch['images'].addressable_shards[0]
+    print(json.dumps({'same': bool(same), 'shards': len(batch['images'].addressable_shards),
+                      'shard_shape': list(shard.data.shape)}))
+  """)
+  assert info == {"same": True, "shards": 8, "shard_shape": [1, 3, 28, 28, 1]}

@@ -40,7 +40,12 @@ class CentroidTiles(NamedTuple):
 
 
 def tile_shape(k: int) -> tuple[int, int]:
-  """(number of centroid blocks, centroids per block), the block a multiple of GROUP."""
+  """(number of centroid blocks, centroids per block), the block a multiple of GROUP.
+
+  Fewer than GROUP centroids make one block of exactly ``k`` (one group, no padding).
+  """
+  if k <= GROUP:
+    return 1, k
   blocks = max(1, math.ceil(k / CENTROID_BLOCK))
   per_block = -(-math.ceil(k / blocks) // GROUP) * GROUP
   return blocks, per_block
@@ -58,12 +63,14 @@ def tile_centroids(centroids: jax.Array) -> CentroidTiles:
 def _block_argmin(scores: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(min, first index of min) over the last axis of [rows, G*groups], two-level."""
   rows, width = scores.shape
-  grouped = scores.reshape(rows, width // GROUP, GROUP)
+  group_size = GROUP if width % GROUP == 0 else width
+  grouped = scores.reshape(rows, width // group_size, group_size)
   group_min = jnp.min(grouped, axis=2)
   group = jnp.argmin(group_min, axis=1).astype(jnp.int32)
   inside = jnp.take_along_axis(grouped, group[:, None, None], axis=1)[:, 0]
   offset = jnp.argmin(inside, axis=1).astype(jnp.int32)
-  return jnp.take_along_axis(group_min, group[:, None], axis=1)[:, 0], group * GROUP + offset
+  return (jnp.take_along_axis(group_min, group[:, None], axis=1)[:, 0],
+          group * group_size + offset)
 
 
 def nearest(x: jax.Array, tiles: CentroidTiles) -> jax.Array:

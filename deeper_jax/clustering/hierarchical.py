@@ -6,6 +6,13 @@ sub labels are *local* ids in ``[0, num_sub)``, so super-class ``c`` owns head
 ``W_c`` with ``num_sub`` outputs. A super-cluster with fewer than ``num_sub`` points
 ``n_c`` gets ``n_c`` clusters (its remaining sizes are 0); an empty one gets none.
 
+Compilation: the super-cluster sizes change every cycle, and a new row count would
+mean new XLA programs for every super-cluster every cycle. Each subset is therefore
+copied into a zero-padded buffer of a *bucketed* size (the next ``m * 2**e`` with
+``8 <= m < 16``: at most 12.5% padding) and clustered with ``num_valid=n_c``, so
+the same few compiled shapes serve all super-clusters and cycles. (The subset is a
+copy anyway, so the padding costs no extra copy.)
+
 Why a loop over super-clusters and not a vmap: the super-clusters have different
 sizes, so a batched k-means would pad every one to the largest (up to m times the
 work and memory); the loop runs each on the *whole* mesh, so every level-2 k-means
@@ -33,6 +40,14 @@ class HierarchicalResult(NamedTuple):
   sub_objective: float      # level-2 sum over super-clusters
   super_sizes: np.ndarray   # [m] int32
   sub_sizes: np.ndarray     # [m, k_sub] int32 (zeros past a small super-cluster's n_c)
+
+
+def bucket_rows(n: int) -> int:
+  """Smallest ``m * 2**e >= n`` with ``8 <= m < 16`` (``n`` itself below 16)."""
+  if n < 16:
+    return n
+  step = 1 << (n.bit_length() - 4)
+  return -(-n // step) * step
 
 
 def _sub_seed(seed: int, super_id: int) -> int:
@@ -68,11 +83,14 @@ def hierarchical_kmeans(x, num_super: int, num_sub: int, *, num_iters: int = 10,
     k_c = min(num_sub, len(rows))
     if k_c == 0:
       continue
-    # m=1 uses ``seed`` itself: DeepCluster's flat k-means, same result as kmeans(x, k_sub).
-    sub_seed = seed if num_super == 1 else _sub_seed(seed, c)
-    part = kmeans(host_x if num_super == 1 else host_x[rows], k_c, num_iters=num_iters,
-                  seed=sub_seed, init=init, chunk_size=chunk_size, mesh=mesh,
-                  progress=progress)
+    if num_super == 1:  # DeepCluster's flat k-means: the same call as kmeans(x, k_sub, seed)
+      part = kmeans(host_x, k_c, num_iters=num_iters, seed=seed, init=init,
+                    chunk_size=chunk_size, mesh=mesh, progress=progress)
+    else:
+      subset = np.zeros((bucket_rows(len(rows)), host_x.shape[1]), np.float32)
+      subset[:len(rows)] = host_x[rows]
+      part = kmeans(subset, k_c, num_iters=num_iters, seed=_sub_seed(seed, c), init=init,
+                    chunk_size=chunk_size, mesh=mesh, progress=progress, num_valid=len(rows))
     sub_labels[rows] = part.assignments
     sub_sizes[c, :k_c] = part.sizes
     sub_objective += part.objective

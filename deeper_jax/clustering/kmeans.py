@@ -37,8 +37,7 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from deeper_jax.clustering import assign, checks, fixed_point, init as init_lib
-from deeper_jax.clustering.layout import (RowLayout, chunk_rows, plan_rows, put_rows, resolve_mesh,
-                                         scan_chunks)
+from deeper_jax.clustering.layout import RowLayout, plan_rows, put_rows, resolve_mesh, scan_chunks
 from deeper_jax.parallel import DATA_AXES, replicated
 
 SPLIT_EPS = 1e-7
@@ -96,14 +95,13 @@ def _assign_shard(x, centroids, scale, num_valid, *, layout: RowLayout, low_bits
   tiles = assign.tile_centroids(centroids)
   period = _carry_period(layout)
 
-  def body(carry, inputs):
-    xi, i = inputs
+  def body(carry, xi, rows, fresh, i):
     a = assign.nearest(xi, tiles)
-    valid = chunk_rows(layout, i, xi.shape[0]) < num_valid
-    dist = jnp.where(valid, assign.sq_distance(xi, centroids, a), 0.0)
+    valid = fresh & (rows < num_valid)
+    dist = jnp.where(rows < num_valid, assign.sq_distance(xi, centroids, a), 0.0)
     target = jnp.where(valid, a, k)  # k is out of range: the scatters drop it
-    counts = carry["counts"].at[target].add(1, mode="drop")
-    new = {"counts": counts, "objective": carry["objective"] + jnp.sum(dist)}
+    new = {"counts": carry["counts"].at[target].add(1, mode="drop"),
+           "objective": carry["objective"] + jnp.sum(jnp.where(valid, dist, 0.0))}
     if sums:
       high, low = fixed_point.encode(xi, fmt)
       new["high"], new["low"] = lax.cond(

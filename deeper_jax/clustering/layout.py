@@ -7,8 +7,8 @@ walks over them ``chunk`` rows at a time, so a kernel's temporaries are
 
 Padding: ``R = ceil(N / num_shards)``, so fewer than ``num_shards`` zero rows are
 added at the very end, and every kernel masks them out by their *global* row index
-(``row < N``). ``R`` need not be a multiple of ``chunk``: :func:`scan_chunks` runs
-the full chunks in a ``lax.scan`` and the short tail chunk once more. Keeping the
+(``row < N``). ``R`` need not be a multiple of ``chunk``: the last chunk of
+:func:`scan_chunks` overlaps the one before it instead. Keeping the
 padding tiny is what lets :func:`put_rows` hand each device a view of the input
 instead of building a padded copy of the whole matrix first (peak memory 1x, not 2x).
 """
@@ -37,14 +37,6 @@ class RowLayout:
   def padded_rows(self) -> int:
     return self.num_shards * self.rows_per_shard
 
-  @property
-  def chunks_per_shard(self) -> int:
-    """Full chunks per shard (a shorter tail chunk of ``tail`` rows may follow)."""
-    return self.rows_per_shard // self.chunk
-
-  @property
-  def tail(self) -> int:
-    return self.rows_per_shard % self.chunk
 
 
 def plan_rows(num_rows: int, num_shards: int, chunk_size: int) -> RowLayout:
@@ -87,25 +79,36 @@ def shard_index() -> jax.Array:
   return lax.axis_index(DATA_AXES)
 
 
-def chunk_rows(layout: RowLayout, chunk_index, size: int | None = None) -> jax.Array:
-  """Global row ids of one chunk of this shard (inside shard_map), int32 [size]."""
-  start = shard_index() * layout.rows_per_shard + chunk_index * layout.chunk
-  return start + jnp.arange(layout.chunk if size is None else size, dtype=jnp.int32)
-
-
 def scan_chunks(body, carry, x: jax.Array, layout: RowLayout):
-  """``lax.scan`` of ``body(carry, (chunk, chunk_index)) -> (carry, per_row)`` over a shard.
+  """Runs ``body`` over this shard's rows ``chunk`` at a time, in one ``lax.scan``.
 
-  The full chunks go through one scan; a shorter tail chunk (``layout.tail`` rows)
-  is one more call of ``body`` with its own static shape. Per-row outputs come back
-  concatenated in row order, [R, ...].
+  ``body(carry, xi, rows, fresh, step) -> (carry, per_row)`` gets a [chunk, d] block,
+  its global row ids ``rows`` and ``fresh`` (False for rows an earlier step already
+  covered). When ``chunk`` does not divide the shard, the last step takes the last
+  ``chunk`` rows, overlapping the previous one: statistics must use ``fresh``; per-row
+  outputs of the overlap are recomputed identically and simply written again. One
+  body instance (no separate tail) keeps compile time down.
+  Returns the carry and the per-row outputs gathered in row order, [R, ...].
   """
-  full, d = layout.chunks_per_shard * layout.chunk, x.shape[1]
-  chunks = x[:full].reshape(layout.chunks_per_shard, layout.chunk, d)
-  steps = jnp.arange(layout.chunks_per_shard, dtype=jnp.int32)
-  carry, ys = lax.scan(body, carry, (chunks, steps))
-  ys = jax.tree.map(lambda y: y.reshape((full,) + y.shape[2:]), ys)
-  if layout.tail:
-    carry, tail_ys = body(carry, (x[full:], jnp.int32(layout.chunks_per_shard)))
-    ys = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ys, tail_ys)
-  return carry, ys
+  per_shard, size = layout.rows_per_shard, layout.chunk
+  steps = -(-per_shard // size)
+  firsts = jnp.arange(steps, dtype=jnp.int32) * size
+  starts = jnp.minimum(firsts, per_shard - size)
+  offset = shard_index() * per_shard
+  block = jnp.arange(size, dtype=jnp.int32)
+  shapes = jax.eval_shape(lambda c, xi: body(c, xi, block, block >= 0, jnp.int32(0))[1],
+                          carry, x[:size])
+  outputs = jax.tree.map(lambda s: jnp.zeros((per_shard,) + s.shape[1:], s.dtype), shapes)
+
+  def step(state, inputs):
+    carry, outputs = state
+    start, first, index = inputs
+    xi = lax.dynamic_slice_in_dim(x, start, size)
+    carry, per_row = body(carry, xi, offset + start + block, start + block >= first, index)
+    outputs = jax.tree.map(lambda o, y: lax.dynamic_update_slice_in_dim(o, y, start, 0),
+                           outputs, per_row)
+    return (carry, outputs), None
+
+  (carry, outputs), _ = lax.scan(step, (carry, outputs),
+                                 (starts, firsts, jnp.arange(steps, dtype=jnp.int32)))
+  return carry, outputs
