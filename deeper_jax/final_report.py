@@ -12,6 +12,7 @@ import json
 import os
 import time
 
+import jax
 import numpy as np
 from absl import logging
 from sklearn.metrics import normalized_mutual_info_score
@@ -51,7 +52,9 @@ def probe_top1(model, variables, datasets, eval_config, *, layer: str, seed: int
 
 
 def write_json(path: str, payload: dict) -> None:
-  """Atomic: a reader never sees half a file."""
+  """Atomic (a reader never sees half a file); only process 0 writes."""
+  if jax.process_index() != 0:
+    return
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(payload, f, indent=2, sort_keys=True)
@@ -85,7 +88,8 @@ def evaluate_run(model, variables, random_variables, datasets, config, *, workdi
       "cycles": history,
   }
   write_json(os.path.join(workdir, RESULTS_FILE), results)
-  np.savez(os.path.join(workdir, "final_clusters.npz"), **clusters)
+  if jax.process_index() == 0:
+    np.savez(os.path.join(workdir, "final_clusters.npz"), **clusters)
   logging.info("results: probe %.4f (random init %.4f), NMI %s, %.0f s", trained,
                untrained, nmi, results["wall_seconds"])
   return results

@@ -125,8 +125,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
             model, variables, train_source, config, cycle=cycle, mesh=mesh,
             previous=previous)
         if cycle > 0:
-          state = jax.device_put(state_lib.new_heads(state, config, cycle, head_tx, feature_dim),
-                                 shardings)
+          state = state_lib.new_heads(state, config, cycle, head_tx, feature_dim)
+          state = jax.device_put(state, shardings)
         progress.update(clustered=True, epoch=0, step_in_epoch=0)
         progress["history"].append({"cycle": cycle, "step": int(state.step), **metrics})
         if metrics:
@@ -171,24 +171,22 @@ def train_and_evaluate(config, workdir: str) -> dict:
             if stop.requested():
               return {"stopped": stop.signal_name}
         progress.update(epoch=epoch + 1, step_in_epoch=0)
-        if progress["epoch"] == tcfg.epochs_per_cycle:
+        if progress["epoch"] == tcfg.epochs_per_cycle:  # next: the next cycle's clustering
           progress.update(cycle=cycle + 1, clustered=False, epoch=0)
-          save()
-          break
         save()
         if stop.requested():
           return {"stopped": stop.signal_name}
-      if stop.requested():
-        return {"stopped": stop.signal_name}
+        if not progress["clustered"]:
+          break
   writer.flush()
   ckpt.close()
 
   # --- Evaluate ---------------------------------------------------------------
   variables = {"params": state.params, "batch_stats": state.batch_stats}
+  random_variables = state_lib.init_variables(model, config, image_shape)
   results = final_report.evaluate_run(
-      model, variables, state_lib.init_variables(model, config, image_shape), datasets, config,
-      workdir=workdir, mesh=mesh, history=progress["history"],
-      wall_start=wall_start)
+      model, variables, random_variables, datasets, config, workdir=workdir, mesh=mesh,
+      history=progress["history"], wall_start=wall_start)
   writer.write_scalars(int(state.step), {f"eval/{k}": v for k, v in results.items()
                                          if isinstance(v, float)})
   writer.flush()
