@@ -1,8 +1,8 @@
 """k-means (deeper_jax.clustering.kmeans): what it must do, on real Fashion-MNIST features."""
 import functools
 import gzip
-import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -11,7 +11,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from deeper_jax.clustering import kmeans as kmeans_lib  # noqa: E402
-from deeper_jax.clustering.kmeans import kmeans, split_empty_clusters  # noqa: E402
+from deeper_jax.clustering.kmeans import kmeans  # noqa: E402
+from deeper_jax.clustering.lloyd import SPLIT_EPS, split_empty_clusters  # noqa: E402
 
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 # Most tests share one problem size so that they share one compilation.
@@ -126,6 +127,31 @@ def test_chunked_equals_unchunked(monkeypatch):
   assert whole.objective == chunked.objective
 
 
+def test_pruned_passes_give_exactly_the_plain_lloyd_result(monkeypatch, caplog):
+  """Bounds (Yinyang) and the unmoved-centroid shortcut only skip provably idle work."""
+  import logging as py_logging
+  from absl import logging
+  x = fmnist_features(N)
+  c0 = distinct_rows(x, K)
+  logging.set_verbosity(1)  # vlog(1) reports how many rows each pass skipped
+  try:
+    with caplog.at_level(py_logging.DEBUG):
+      pruned = kmeans(x, K, init_centroids=c0, num_iters=15)
+  finally:
+    logging.set_verbosity(logging.WARNING)
+  work = [tuple(int(v) for v in re.search(
+      r"rows skipped (\d+), checked against moved centroids (\d+), fully scored (\d+)",
+      r.getMessage()).groups()) for r in caplog.records if "rows skipped" in r.getMessage()]
+  assert len(work) == 15
+  assert sum(w[0] for w in work) > 0 and sum(w[1] for w in work) > 0  # both paths taken
+  assert sum(w[2] for w in work) < 15 * N                               # real savings
+  monkeypatch.setattr(kmeans_lib, "PRUNE", False)
+  plain = kmeans(x, K, init_centroids=c0, num_iters=15)
+  np.testing.assert_array_equal(pruned.assignments, plain.assignments)
+  np.testing.assert_array_equal(pruned.centroids, plain.centroids)
+  assert pruned.objective == plain.objective
+
+
 def test_identical_results_on_1_and_8_devices(tmp_path):
   from conftest import run_with_devices
   code = """
@@ -194,7 +220,7 @@ def test_split_copies_a_non_empty_centroid_plus_and_minus_eps():
   out = np.asarray(split_empty_clusters(centroids, counts, jax.random.PRNGKey(0)))
   donor = 0 if np.array_equal(out[2], centroids[2]) else 2  # the one that was split
   assert counts[donor] > 0
-  eps = np.maximum(np.float32(kmeans_lib.SPLIT_EPS), np.spacing(np.abs(centroids[donor])))
+  eps = np.maximum(np.float32(SPLIT_EPS), np.spacing(np.abs(centroids[donor])))
   np.testing.assert_array_equal(out[1], centroids[donor] + eps)
   np.testing.assert_array_equal(out[donor], centroids[donor] - eps)
   np.testing.assert_array_equal(out[2 - donor], centroids[2 - donor])

@@ -215,12 +215,14 @@ def test_mean_with_the_wrong_number_of_channels_is_rejected():
     jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 28, 28, 2)))
 
 
-@pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (3, 1, 0), (5, 1, 2), (11, 4, 2)])
-def test_hybrid_conv_gradients_equal_xlas(kernel, stride, padding):
+@pytest.mark.parametrize("kernel,stride,padding,channels", [
+    (3, 1, 1, 16), (3, 1, 0, 16), (5, 1, 2, 16),  # GEMM kernel gradient
+    (3, 1, 1, 3), (11, 4, 2, 16)])                 # XLA's (few channels, strided)
+def test_hybrid_conv_gradients_equal_xlas(kernel, stride, padding, channels):
   from deeper_jax.models.conv import _xla_conv, hybrid_conv
   rng = np.random.default_rng(2)
-  x = jnp.asarray(rng.normal(size=(2, 23, 19, 3)), jnp.float32)
-  k = jnp.asarray(rng.normal(size=(kernel, kernel, 3, 5)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(2, 23, 19, channels)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(kernel, kernel, channels, 5)), jnp.float32)
   loss = lambda conv: lambda x, k: jnp.sum(jnp.sin(conv(x, k, stride, padding)))
   y1, y2 = hybrid_conv(x, k, stride, padding), _xla_conv(x, k, stride, padding)
   np.testing.assert_array_equal(y1, y2)

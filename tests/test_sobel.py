@@ -152,3 +152,17 @@ def test_fold_sobel_rejects_a_network_without_sobel():
   variables = jax.jit(build_backbone(cfg).init)(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
   with pytest.raises(ValueError, match="sobel"):
     fold_sobel(cfg, variables)
+
+
+def test_why_the_sobel_map_is_padded_wider_than_the_image():
+  """Naive SAME→SAME folds only in the interior; our pad-(p+1)/VALID stack folds exactly."""
+  from deeper_jax.models.conv import _xla_conv
+  from deeper_jax.models.sobel import fold_kernel
+  x = jnp.asarray(fashion_mnist_images(2) - 0.5)  # normalised: the border is not zero
+  w1 = jnp.asarray(np.random.default_rng(0).normal(size=(3, 3, 2, 4)), jnp.float32)
+  folded = _xla_conv(x, jnp.asarray(fold_kernel(np.asarray(w1), 1)), 1, 2)
+  ours = _xla_conv(sobel(x, pad=2), w1, 1, 0)
+  naive = _xla_conv(sobel(x, pad=1), w1, 1, 1)
+  np.testing.assert_allclose(ours, folded, atol=1e-4)
+  np.testing.assert_allclose(naive[:, 1:-1, 1:-1], folded[:, 1:-1, 1:-1], atol=1e-4)
+  assert np.abs(np.asarray(naive - folded)[:, 0]).max() > 0.1  # the border ring differs

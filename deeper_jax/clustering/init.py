@@ -55,6 +55,37 @@ def random_points(x, k: int, seed: int) -> np.ndarray:
   return rows[keep]
 
 
+def spatial_order(centroids: np.ndarray, run: int) -> np.ndarray:
+  """A permutation of centroid ids whose consecutive runs of ``run`` are close in space.
+
+  Recursive halving along the principal axis (a few power iterations), splitting
+  at multiples of ``run``: the runs then act as Yinyang's centroid groups, whose
+  lower bounds are only useful when a group is compact. Deterministic.
+  """
+  c = np.asarray(centroids, np.float64)
+  runs = []
+
+  def halve(ids):
+    if len(ids) <= run:
+      runs.append(ids)
+      return
+    sub = c[ids] - c[ids].mean(axis=0)
+    axis = sub[np.argmax(np.einsum("ij,ij->i", sub, sub))]
+    for _ in range(8):
+      axis = sub.T @ (sub @ axis)
+      norm = np.linalg.norm(axis)
+      if norm == 0:
+        break
+      axis /= norm
+    ids = ids[np.argsort(sub @ axis, kind="stable")]
+    cut = max(run, (len(ids) // 2) // run * run)
+    halve(ids[:cut])
+    halve(ids[cut:])
+
+  halve(np.arange(len(c)))
+  return np.concatenate(runs)
+
+
 @functools.lru_cache(maxsize=16)
 def _kmeanspp_fn(mesh: Mesh, layout: RowLayout, k: int):
   per_shard = layout.rows_per_shard

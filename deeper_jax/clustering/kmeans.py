@@ -1,51 +1,54 @@
 """Lloyd's k-means, sharded over every device of the mesh (paper §4.2, DeepCluster).
 
-Per iteration, inside ``jax.shard_map`` over ``DATA_AXES``:
+Rows of ``x`` are split over all devices (``rows_sharding``); the kernels in
+lloyd.py run inside ``jax.shard_map`` over ``DATA_AXES``. An iteration:
 
-1. each shard walks its rows ``chunk`` at a time (``lax.scan``): nearest centroid
-   (one [chunk, k] block of scores at a time, so memory is
-   O(N*d/devices + k*d + chunk*k)), then scatter-adds the rows into per-cluster
-   sums and counts; padding rows are masked out by their global row id;
-2. sums and counts are ``lax.psum``-reduced; every shard computes the same means;
-3. empty clusters are split as in the reference (below).
+1. update: each shard's exact per-cluster sums and counts are ``lax.psum``-reduced
+   over ``DATA_AXES`` and every shard computes the same new centroids;
+2. empty clusters are split as in the reference (below);
+3. reassign: each shard finds the nearest centroid of its rows, ``chunk`` rows by
+   ~1024 centroids at a time (no N x k matrix ever exists), skipping rows that
+   provably keep their cluster (exact; lloyd.py), and moves the rows that change
+   cluster between the integer sums. Padding rows are masked by global row id.
 
-After ``num_iters`` iterations one more assignment pass gives the labels, sizes and
-the objective (sum of squared distances: scikit-learn's ``inertia_``).
+Memory per device: O(N*(d + t)/devices + k*d + chunk*k), t <= 64 bound groups.
+After ``num_iters`` iterations the assignment is final (the last reassign is the
+"final assignment pass"); it gives labels, sizes and the objective (sum of squared
+distances: scikit-learn's ``inertia_``).
 
 Determinism: the sums are exact integers (``fixed_point``), so centroids are
 bit-identical for any device count or chunk size; scores per (row, centroid) do not
 depend on the rest of the chunk. Hence the same seed gives the same assignments on
 1 or 8 devices. Randomness (init, splits) comes from the seed only.
 
-Empty clusters: in index order, each empty cluster ``j`` takes a non-empty cluster
-``m`` drawn with probability proportional to its size (big clusters are the ones
-worth splitting, and a size-1 cluster cannot be split), copies its centroid as
-``c_m + eps`` while ``c_m`` becomes ``c_m - eps`` (eps = 1e-7 per coordinate, or one
-float32 ulp where 1e-7 would vanish), and takes half of ``m``'s count for the next
-draws. The next assignment splits ``m``'s points between the two copies.
+Empty clusters: in id order (of the internal, spatially sorted ids), each empty
+cluster ``j`` takes a non-empty cluster ``m`` drawn with probability proportional to
+its size (big clusters are the ones worth splitting, and a size-1 cluster cannot be
+split), copies its centroid as ``c_m + eps`` while ``c_m`` becomes ``c_m - eps``
+(eps = 1e-7 per coordinate, or one float32 ulp where 1e-7 would vanish), and takes
+half of ``m``'s count for the next draws. The next assignment splits ``m``'s points
+between the two copies. Draws use the seed and the cluster id: deterministic.
 """
 from __future__ import annotations
 
-import functools
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax import lax
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
 
-from deeper_jax.clustering import assign, checks, fixed_point, init as init_lib
-from deeper_jax.clustering.layout import RowLayout, plan_rows, put_rows, resolve_mesh, scan_chunks
-from deeper_jax.parallel import DATA_AXES, replicated
+from deeper_jax.clustering import assign, checks, fixed_point, init as init_lib, lloyd
+from deeper_jax.clustering.layout import plan_rows, put_rows, resolve_mesh
+from deeper_jax.parallel import replicated
 
-SPLIT_EPS = 1e-7
 # Rows per assignment block at most (also capped by ``chunk_size``): the [rows, 1024]
 # score block then stays in cache; measured fastest (benchmarks/README.md).
-MAX_BLOCK_ROWS = 512
-# Rows summed between two carries of the fixed-point low words.
-CARRY_ROWS = 8192
+MAX_BLOCK_ROWS = 1024
+# False: score every row against every centroid in every pass (plain Lloyd; the
+# pruned passes of lloyd.py give the same results, this switch is for tests).
+PRUNE = True
 
 
 class KMeansResult(NamedTuple):
@@ -53,99 +56,6 @@ class KMeansResult(NamedTuple):
   assignments: np.ndarray  # [N] int32 in [0, k)
   objective: float         # sum over points of squared distance to their centroid
   sizes: np.ndarray        # [k] int32, points per cluster
-
-
-def split_empty_clusters(centroids: jax.Array, counts: jax.Array, key: jax.Array) -> jax.Array:
-  """Replaces every empty cluster by a perturbed copy of a random non-empty one."""
-  k = counts.shape[0]
-  empty_ids = jnp.nonzero(counts == 0, size=k, fill_value=0)[0]
-
-  def body(i, state):
-    c, cnt = state
-    j = empty_ids[i]
-    logits = jnp.where(cnt > 0, jnp.log(jnp.maximum(cnt, 1).astype(jnp.float32)), -jnp.inf)
-    m = jax.random.categorical(jax.random.fold_in(key, j), logits)
-    base = c[m]
-    ulp = jnp.abs(jnp.nextafter(jnp.abs(base), jnp.inf) - jnp.abs(base))
-    eps = jnp.maximum(SPLIT_EPS, ulp)
-    half = cnt[m] // 2
-    c = c.at[j].set(base + eps).at[m].set(base - eps)
-    return c, cnt.at[j].set(half).at[m].add(-half)
-
-  centroids, _ = lax.fori_loop(0, jnp.sum(counts == 0), body, (centroids, counts))
-  return centroids
-
-
-def _carry_period(layout: RowLayout) -> int:
-  """Chunks between two carries of the low words (carrying costs O(k*d))."""
-  return max(1, CARRY_ROWS // layout.chunk)
-
-
-def _assign_shard(x, centroids, scale, num_valid, *, layout: RowLayout, low_bits: int,
-                  sums: bool):
-  """One pass over this shard's rows, chunk by chunk.
-
-  Returns per-row (assignment, squared distance) [R] and the shard's per-cluster
-  counts (and exact fixed-point sums when ``sums``). Rows with a global id
-  ``>= num_valid`` (a traced scalar, so one compilation serves any N up to the
-  padded size) are padding and count nowhere.
-  """
-  k, d = centroids.shape
-  fmt = fixed_point.FixedPointFormat(scale, low_bits, 0)
-  tiles = assign.tile_centroids(centroids)
-  period = _carry_period(layout)
-
-  def body(carry, xi, rows, fresh, i):
-    a = assign.nearest(xi, tiles)
-    valid = fresh & (rows < num_valid)
-    dist = jnp.where(rows < num_valid, assign.sq_distance(xi, centroids, a), 0.0)
-    target = jnp.where(valid, a, k)  # k is out of range: the scatters drop it
-    new = {"counts": carry["counts"].at[target].add(1, mode="drop"),
-           "objective": carry["objective"] + jnp.sum(jnp.where(valid, dist, 0.0))}
-    if sums:
-      high, low = fixed_point.encode(xi, fmt)
-      new["high"], new["low"] = lax.cond(
-          i % period == period - 1,
-          lambda h, l: fixed_point.normalise(h, l, low_bits), lambda h, l: (h, l),
-          carry["high"].at[target].add(high, mode="drop"),
-          carry["low"].at[target].add(low, mode="drop"))
-    return new, (a, dist)
-
-  carry = {"counts": jnp.zeros((k,), jnp.int32), "objective": jnp.zeros((), jnp.float32)}
-  if sums:
-    carry["high"] = jnp.zeros((k, d), jnp.int32)
-    carry["low"] = jnp.zeros((k, d), jnp.int32)
-  carry, (a, dist) = scan_chunks(body, carry, x, layout)
-  return a, dist, carry
-
-
-@functools.lru_cache(maxsize=32)
-def _kernels(mesh: Mesh, layout: RowLayout, low_bits: int):
-  """Jitted (step, final) functions for one mesh and row layout."""
-  rows, rep = P(DATA_AXES), P()
-
-  def step_shard(x, centroids, scale, num_valid, key):
-    _, _, acc = _assign_shard(x, centroids, scale, num_valid, layout=layout, low_bits=low_bits,
-                              sums=True)
-    acc["high"], acc["low"] = fixed_point.normalise(acc["high"], acc["low"], low_bits)
-    acc = lax.psum(acc, DATA_AXES)  # int32 sums and counts: exact in any order
-    high, low = fixed_point.normalise(acc["high"], acc["low"], low_bits)
-    fmt = fixed_point.FixedPointFormat(scale, low_bits, 0)
-    means = fixed_point.decode_means(high, low, acc["counts"], fmt)
-    new = jnp.where((acc["counts"] > 0)[:, None], means, centroids)
-    new = split_empty_clusters(new, acc["counts"], key)
-    return new, acc["objective"], jnp.sum(acc["counts"] == 0)
-
-  def final_shard(x, centroids, scale, num_valid):
-    a, dist, acc = _assign_shard(x, centroids, scale, num_valid, layout=layout,
-                                 low_bits=low_bits, sums=False)
-    return a, dist, lax.psum(acc["counts"], DATA_AXES)
-
-  step = jax.jit(jax.shard_map(step_shard, mesh=mesh, in_specs=(rows, rep, rep, rep, rep),
-                               out_specs=(rep, rep, rep), check_vma=False))
-  final = jax.jit(jax.shard_map(final_shard, mesh=mesh, in_specs=(rows, rep, rep, rep),
-                                out_specs=(rows, rows, rep), check_vma=False))
-  return step, final
 
 
 @jax.jit
@@ -192,31 +102,48 @@ def kmeans(x, k: int, *, num_iters: int = 10, seed: int = 0, init: str = "random
   mesh = resolve_mesh(mesh)
   layout = plan_rows(rows, mesh.size, min(chunk_size, MAX_BLOCK_ROWS))
   xs = put_rows(x, mesh, layout)
-  fmt = fixed_point.choose_format(np.asarray(_column_abs_max(xs)), n,
-                                  layout.chunk * _carry_period(layout))
+  # Sums follow rows in and out of clusters: up to 2 * chunk * period row updates
+  # between two carries, and transiently a chunk more than N rows in the sums.
+  fmt = fixed_point.choose_format(np.asarray(_column_abs_max(xs)), n + 2 * layout.chunk,
+                                  2 * layout.chunk * lloyd.carry_period(layout))
   if init_centroids is not None:
     centroids = init_centroids
   elif init == "random":
     centroids = init_lib.random_points(x[:n], k, seed)
   else:
     centroids = init_lib.kmeans_plus_plus(xs, n, mesh, layout, k, seed)
-  # Replicated from the start, as the step returns it: one compilation, not two.
-  centroids = jax.device_put(np.asarray(centroids, np.float32), replicated(mesh))
+  # Internally, centroids are ordered so that runs of ids are close in space (the
+  # bound groups of lloyd.py); results are reported in the original order.
+  spec = assign.tile_spec(k)
+  order = init_lib.spatial_order(np.asarray(centroids, np.float32), spec.bound_group)
+  # Replicated from the start, as ``update`` returns them: one compilation, not two.
+  rep = replicated(mesh)
+  centroids = jax.device_put(np.asarray(centroids, np.float32)[order], rep)
 
-  step, final = _kernels(mesh, layout, fmt.low_bits)
+  reassign, update, objective_of = lloyd.kernels(mesh, layout, spec, fmt.low_bits, PRUNE)
+  valid = jax.device_put(np.int32(n), rep)
+  state, _ = reassign(xs, centroids, jax.device_put(np.full(k, np.inf, np.float32), rep),
+                      lloyd.initial_state(mesh, layout, spec, k, d), fmt.scale, valid)
   key = jax.random.PRNGKey(seed)
-  valid = jax.device_put(np.int32(n), replicated(mesh))
+  verbose = progress is not None or logging.vlog_is_on(1)
   for it in range(num_iters):
-    centroids, objective, num_empty = step(xs, centroids, fmt.scale, valid,
-                                           jax.random.fold_in(key, it))
-    if progress is not None or logging.vlog_is_on(1):
-      objective = float(objective)
-      logging.vlog(1, "k-means iteration %d/%d: objective %.6g, %d empty clusters split",
-                   it + 1, num_iters, objective, int(num_empty))
+    objective = objective_of(xs, state, centroids, valid)[0] if verbose else None
+    centroids, shift = update(state, centroids, fmt.scale, jax.random.fold_in(key, it))
+    state, work = reassign(xs, centroids, shift, state, fmt.scale, valid)
+    if verbose:
+      skipped, challenged, scored = np.asarray(work)
+      logging.vlog(1, "k-means iteration %d/%d: objective %.6g; %d centroids moved; rows "
+                   "skipped %d, checked against moved centroids %d, fully scored %d",
+                   it + 1, num_iters, float(objective), int(jnp.sum(shift > 0)), skipped,
+                   challenged, scored)
       if progress is not None:
-        progress(it, objective)
-  a, dist, sizes = final(xs, centroids, fmt.scale, valid)
+        progress(it, float(objective))
+  _, dist, sizes = objective_of(xs, state, centroids, valid)
   dist = np.asarray(dist)[:n]
-  return KMeansResult(centroids=np.asarray(centroids), assignments=np.asarray(a)[:n],
-                      objective=float(np.sum(dist, dtype=np.float64)),
-                      sizes=np.asarray(sizes))
+  out_centroids = np.empty((k, d), np.float32)
+  out_centroids[order] = np.asarray(centroids)
+  out_sizes = np.empty(k, np.int32)
+  out_sizes[order] = np.asarray(sizes)
+  return KMeansResult(centroids=out_centroids,
+                      assignments=order[np.asarray(state["a"])[:n]].astype(np.int32),
+                      objective=float(np.sum(dist, dtype=np.float64)), sizes=out_sizes)

@@ -79,15 +79,16 @@ def shard_index() -> jax.Array:
   return lax.axis_index(DATA_AXES)
 
 
-def scan_chunks(body, carry, x: jax.Array, layout: RowLayout):
+def scan_chunks(body, carry, arrays, layout: RowLayout):
   """Runs ``body`` over this shard's rows ``chunk`` at a time, in one ``lax.scan``.
 
-  ``body(carry, xi, rows, fresh, step) -> (carry, per_row)`` gets a [chunk, d] block,
-  its global row ids ``rows`` and ``fresh`` (False for rows an earlier step already
-  covered). When ``chunk`` does not divide the shard, the last step takes the last
-  ``chunk`` rows, overlapping the previous one: statistics must use ``fresh``; per-row
-  outputs of the overlap are recomputed identically and simply written again. One
-  body instance (no separate tail) keeps compile time down.
+  ``arrays``: one [R, ...] array or a tuple of them, sliced together.
+  ``body(carry, chunk, rows, fresh, step) -> (carry, per_row)`` gets the [chunk, ...]
+  slice(s), their global row ids ``rows`` and ``fresh`` (False for rows an earlier
+  step already covered). When ``chunk`` does not divide the shard, the last step
+  takes the last ``chunk`` rows, overlapping the previous one: statistics must use
+  ``fresh``; per-row outputs of the overlap are recomputed identically and simply
+  written again. One body instance (no separate tail) keeps compile time down.
   Returns the carry and the per-row outputs gathered in row order, [R, ...].
   """
   per_shard, size = layout.rows_per_shard, layout.chunk
@@ -96,15 +97,19 @@ def scan_chunks(body, carry, x: jax.Array, layout: RowLayout):
   starts = jnp.minimum(firsts, per_shard - size)
   offset = shard_index() * per_shard
   block = jnp.arange(size, dtype=jnp.int32)
-  shapes = jax.eval_shape(lambda c, xi: body(c, xi, block, block >= 0, jnp.int32(0))[1],
-                          carry, x[:size])
+
+  def slice_at(start):
+    return jax.tree.map(lambda v: lax.dynamic_slice_in_dim(v, start, size), arrays)
+
+  shapes = jax.eval_shape(
+      lambda c, chunk: body(c, chunk, block, block >= 0, jnp.int32(0))[1], carry, slice_at(0))
   outputs = jax.tree.map(lambda s: jnp.zeros((per_shard,) + s.shape[1:], s.dtype), shapes)
 
   def step(state, inputs):
     carry, outputs = state
     start, first, index = inputs
-    xi = lax.dynamic_slice_in_dim(x, start, size)
-    carry, per_row = body(carry, xi, offset + start + block, start + block >= first, index)
+    carry, per_row = body(carry, slice_at(start), offset + start + block,
+                          start + block >= first, index)
     outputs = jax.tree.map(lambda o, y: lax.dynamic_update_slice_in_dim(o, y, start, 0),
                            outputs, per_row)
     return (carry, outputs), None

@@ -11,7 +11,7 @@ grayscale → Sobel → conv1 are all linear, so they compose into one (k+2)×(k
 the C-channel image. The naive stack — Sobel with SAME padding, then conv1 with SAME
 padding — does not fold exactly: conv1 pads the Sobel *output* with zeros, whereas a
 folded conv sees the Sobel responses of the zero-padded image there, which are not zero
-next to an edge (e.g. 25% of a 28×28 map differs at its border ring).
+next to an edge: the outer ring of conv1's output differs (108 of 784 pixels at 28×28).
 
 So the Sobel stage here pads the grayscale image by ``p + 1`` zeros (p = conv1's padding)
 and correlates VALID, giving a map 2p pixels larger than the image (the genuine Sobel
