@@ -6,7 +6,6 @@ checkpointed: a run killed after the clustering resumes without redoing it.
 """
 from __future__ import annotations
 
-import jax
 import numpy as np
 from absl import logging
 from sklearn.metrics import normalized_mutual_info_score

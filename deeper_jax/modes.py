@@ -1,9 +1,7 @@
 """Training, evaluation and export as modes of one program (as in BYOL)."""
 from __future__ import annotations
 
-import os
 
-import jax
 from absl import logging
 
 from deeper_jax import train

@@ -14,10 +14,8 @@ same command ends where an uninterrupted run ends:
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from clu import metric_writers

@@ -36,3 +36,32 @@ def run_with_devices(code: str, num_devices: int = 8, timeout: int = 600):
 @pytest.fixture
 def with_devices():
   return run_with_devices
+
+
+def fashion_mnist_images(n: int, split: str = "test"):
+  """The first ``n`` real Fashion-MNIST images, float32 [n, 28, 28, 1] in [0, 1]."""
+  import numpy as np
+  from deeper_jax.data import load_fashion_mnist
+  return load_fashion_mnist(split).images(np.arange(n)).astype(np.float32) / 255.0
+
+
+def data_config(**fields):
+  """A ``config.data`` for the long-tailed Fashion-MNIST, with ``fields`` overridden."""
+  import ml_collections
+  config = ml_collections.ConfigDict(dict(
+      name="fashion_mnist_longtail", data_dir="", imbalance_ratio=10.0, image_size=28,
+      max_train_images=0))
+  config.update(fields)
+  return config
+
+
+@pytest.fixture(scope="module")
+def fmnist_train():
+  from deeper_jax.data import load_fashion_mnist
+  return load_fashion_mnist("train")
+
+
+@pytest.fixture(scope="module")
+def fmnist_test():
+  from deeper_jax.data import load_fashion_mnist
+  return load_fashion_mnist("test")

@@ -1,6 +1,4 @@
 """Backbones: shapes, parameter counts, train/eval behaviour, conv implementations."""
-import gzip
-import os
 
 import jax
 import jax.numpy as jnp
@@ -8,9 +6,9 @@ import ml_collections
 import numpy as np
 import pytest
 
+from conftest import fashion_mnist_images
 from deeper_jax.models import build_backbone, resolve_conv_impl
 
-FMNIST = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
 
 # torchvision.models.vgg16_bn() has 138,365,992 parameters (BatchNorm running statistics
 # are buffers, not parameters); dropping its last layer, Linear(4096, 1000), removes
@@ -22,12 +20,6 @@ def config(name, **kw):
   return ml_collections.ConfigDict(dict(name=name, **kw))
 
 
-def fashion_mnist_images(n: int) -> np.ndarray:
-  if not os.path.exists(FMNIST):
-    pytest.skip("Fashion-MNIST IDX files not installed (apt-get install dataset-fashion-mnist)")
-  with gzip.open(FMNIST, "rb") as f:
-    raw = np.frombuffer(f.read(), np.uint8, offset=16)
-  return raw[: n * 784].reshape(n, 28, 28, 1).astype(np.float32) / 255.0
 
 
 def param_count(tree) -> int:

@@ -1,5 +1,4 @@
 """A run refuses what would silently corrupt it: another config's workdir, NaNs."""
-import os
 
 import numpy as np
 import pytest

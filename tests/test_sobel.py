@@ -1,6 +1,4 @@
 """The Sobel front end: its responses, that it is frozen, and that folding it is exact."""
-import gzip
-import os
 
 import jax
 import jax.numpy as jnp
@@ -9,19 +7,12 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from conftest import fashion_mnist_images
 from deeper_jax.models import build_backbone, fold_sobel, sobel
 from deeper_jax.models.sobel import FIRST_CONV, SOBEL_X, SOBEL_Y
 
-FMNIST = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
 
 
-def fashion_mnist_images(n: int) -> np.ndarray:
-  """First n test images, float32 [n, 28, 28, 1] in [0, 1], read straight from the IDX file."""
-  if not os.path.exists(FMNIST):
-    pytest.skip("Fashion-MNIST IDX files not installed (apt-get install dataset-fashion-mnist)")
-  with gzip.open(FMNIST, "rb") as f:
-    raw = np.frombuffer(f.read(), np.uint8, offset=16)
-  return raw[: n * 784].reshape(n, 28, 28, 1).astype(np.float32) / 255.0
 
 
 def rgb_images(n: int, size: int) -> np.ndarray:

@@ -1,8 +1,6 @@
 """The sharded train step: same numbers on 1 and 8 devices, W split, one compilation."""
-import os
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
