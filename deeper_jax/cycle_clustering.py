@@ -6,6 +6,8 @@ checkpointed: a run killed after the clustering resumes without redoing it.
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 from absl import logging
 from sklearn.metrics import normalized_mutual_info_score
@@ -46,7 +48,7 @@ def cluster_backbone(model, variables, source, config, *, cycle: int, mesh,
     zeros = np.zeros((n,), np.int32)
     return {"super_labels": zeros, "sub_labels": zeros}, {}
 
-  batches, iterations = iter(range(1, 1 << 62)), iter(range(1, 1 << 62))
+  batches, iterations = itertools.count(1), itertools.count(1)  # fault-injection counters
   feats = features_lib.extract_features(
       model, variables, source, batch_size=cfg.extract_batch_size, layers=[],
       mesh=mesh, progress=lambda done, total: faults.reached("extract", next(batches)),

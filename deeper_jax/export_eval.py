@@ -13,13 +13,14 @@ from deeper_jax import state as state_lib
 EXPORT_DIR = "export"
 
 
-def trained_backbone(config, workdir: str):
+def trained_backbone(config, workdir: str, datasets=None):
   """``(module, variables)`` from a training workdir's newest checkpoint or an export."""
   if os.path.exists(os.path.join(workdir, pretrained.MODEL_FILE)):
     return pretrained.load_pretrained(workdir)
   from deeper_jax.data import registry
   model = models.build_backbone(config.model)
-  image_shape = registry.build_datasets(config.data).train.image_shape
+  datasets = datasets or registry.build_datasets(config.data)
+  image_shape = datasets.train.image_shape
   like = state_lib.init_variables(model, config, image_shape)
   return model, pretrained.load_backbone_variables(workdir, like)
 
@@ -35,8 +36,8 @@ def evaluate_workdir(config, workdir: str) -> dict:
   """The full evaluation suite (``<workdir>/eval/results.json``)."""
   from deeper_jax.data import registry
   from deeper_jax.evaluate import suite
-  model, variables = trained_backbone(config, workdir)
   datasets = registry.build_datasets(config.data)
+  model, variables = trained_backbone(config, workdir, datasets)
   clusters_path = os.path.join(workdir, "final_clusters.npz")
   cluster_labels = None
   if os.path.exists(clusters_path):
