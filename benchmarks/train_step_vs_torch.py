@@ -10,6 +10,14 @@ PyTorch's model is defined here with plain ``torch.nn`` (torchvision cannot be i
 beside torch 2.13.0); it is measured both NCHW and channels_last and the faster is the
 reference. Threads: torch.set_num_threads(N) and XLA's CPU pool both use the N cores of
 this process's affinity mask (``taskset -c 0 python ...`` gives 1 thread to both).
+Isolation: every side (JAX variant, torch format) lives in its own worker process, built
+and warmed up once; only one side runs at a time, and in each round it runs
+``--round-warmup`` untimed steps before its timed ones. Why: both frameworks fault in
+GBs of fresh pages every step (XLA mmaps its temp buffer per execution: 177k faults per
+step at 112 px, 620k at 224 px; PyTorch 60k-900k), and right after the other
+framework's burst those faults cost 3-6x more system time on this VM (224 px JAX step:
+4.8 s steadily alone, 6-8 s as the first step after a PyTorch step, with the same fault
+count). A training run never interleaves like that, so neither side is timed cold.
 Timing: warmup steps, then ``--repeats`` rounds that time ``--steps`` steps of every
 side in turn (interleaved, ABBA order); images/s are medians over rounds, and the ratio
 is the median over rounds of the within-round speed ratio (robust to a shared, noisy
@@ -22,11 +30,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
+import resource
+import sys
 import time
 
 import numpy as np
+
+# Runnable as `python benchmarks/train_step_vs_torch.py` from a plain checkout.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 NUM_CLASSES = 1000
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 1e-5
@@ -163,30 +177,77 @@ def param_counts_224() -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------ harness
-def measure(sides: dict, warmup: int, steps: int, repeats: int) -> dict[str, list[float]]:
+def _side_worker(conn, name: str, batch: int, size: int, threads: int) -> None:
+  """Worker process of one side: builds it, then times ``n`` steps per request."""
+  framework, _, variant = name.partition(":")
+  if framework == "jax":
+    run, sync = jax_step(variant, batch, size)
+  else:
+    import torch
+    torch.set_num_threads(threads)
+    run, sync = TorchNet(size, variant == "channels_last").step_fn(batch, size)
+  conn.send("ready")
+  while (request := conn.recv()) is not None:
+    warm, steps = request
+    for _ in range(warm):
+      sync(run())
+    before, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    for _ in range(steps):
+      loss = run()
+    sync(loss)
+    wall, after = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF)
+    conn.send({"wall": wall / steps, "user": (after.ru_utime - before.ru_utime) / steps,
+               "sys": (after.ru_stime - before.ru_stime) / steps,
+               "page_faults": (after.ru_minflt - before.ru_minflt) / steps})
+
+
+class Side:
+  """A side in its own process (spawned: no state shared with other sides)."""
+
+  def __init__(self, name: str, batch: int, size: int, threads: int):
+    ctx = multiprocessing.get_context("spawn")
+    self.conn, child = ctx.Pipe()
+    self.process = ctx.Process(target=_side_worker, args=(child, name, batch, size, threads))
+    self.process.start()
+    if self.conn.recv() != "ready":
+      raise RuntimeError(f"side {name} failed to start")
+
+  def time_steps(self, steps: int, warm: int = 0) -> dict[str, float]:
+    """Per-step wall/user/sys seconds and page faults of ``steps`` steps after ``warm``."""
+    self.conn.send((warm, steps))
+    return self.conn.recv()
+
+  def close(self) -> None:
+    self.conn.send(None)
+    self.process.join()
+
+
+def measure(sides: dict, warmup: int, steps: int, repeats: int, round_warmup: int
+            ) -> tuple[dict[str, list[float]], dict[str, list[dict]]]:
   """Seconds per step of every side, per round; rounds interleave the sides.
 
   Each round times `steps` steps of each side in turn, the order reversed every other
   round (ABBA), so load from other processes lands on all sides alike; the caller
   compares sides within a round (ratios), which cancels slow drifts in that load.
+  Each side first runs `round_warmup` untimed steps in its round: the step right after
+  the *other* framework's burst is not what a training run sees (on this VM it paid
+  2-6 s of extra system time re-faulting pages the other process had just freed).
+  Returns the wall seconds per step and the full per-round records (user/sys seconds
+  and page faults per step).
   """
-  times = {name: [] for name in sides}
-  for name, (run, sync) in sides.items():
-    for _ in range(warmup):
-      sync(run())
+  records = {name: [] for name in sides}
+  for name, side in sides.items():
+    if warmup:
+      side.time_steps(warmup)
     print(f"  warmed up {name}", flush=True)
   names = list(sides)
   for r in range(repeats):
     for name in (names if r % 2 == 0 else names[::-1]):
-      run, sync = sides[name]
-      t = time.perf_counter()
-      for _ in range(steps):
-        loss = run()
-      sync(loss)
-      times[name].append((time.perf_counter() - t) / steps)
+      records[name].append(sides[name].time_steps(steps, round_warmup))
     print(f"  round {r + 1}/{repeats}: " + ", ".join(
-        f"{n} {times[n][-1]:.2f} s/step" for n in names), flush=True)
-  return times
+        f"{n} {records[n][-1]['wall']:.2f} s/step (sys {records[n][-1]['sys']:.2f})"
+        for n in names), flush=True)
+  return {n: [rec["wall"] for rec in recs] for n, recs in records.items()}, records
 
 
 def main():
@@ -200,6 +261,8 @@ def main():
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--steps", type=int, default=1)
   parser.add_argument("--repeats", type=int, default=9)
+  parser.add_argument("--round-warmup", type=int, default=1,
+                      help="untimed steps of a side before its timed steps in each round")
   args = parser.parse_args()
 
   import jax
@@ -218,12 +281,14 @@ def main():
   cases = []
   for size in (int(s) for s in args.sizes.split(",")):
     print(f"batch {args.batch}, {size}x{size}: building", flush=True)
-    sides = {}
-    for variant in variants:
-      sides[f"jax:{variant}"] = jax_step(variant, args.batch, size)
-    for fmt in formats:
-      sides[f"torch:{fmt}"] = TorchNet(size, fmt == "channels_last").step_fn(args.batch, size)
-    times = measure(sides, args.warmup, args.steps, args.repeats)
+    names = [f"jax:{v}" for v in variants] + [f"torch:{f}" for f in formats]
+    sides = {n: Side(n, args.batch, size, threads) for n in names}
+    try:
+      times, records = measure(sides, args.warmup, args.steps, args.repeats,
+                               args.round_warmup)
+    finally:
+      for side in sides.values():
+        side.close()
     ips = {n: args.batch / float(np.median(t)) for n, t in times.items()}
     # Per round: torch's faster format as the reference, each JAX variant's speed ratio.
     torch_best = np.min([times[f"torch:{f}"] for f in formats], axis=0)
@@ -235,7 +300,7 @@ def main():
                                "torch": ips[f"torch:{torch_fmt}"]},
             "ratio": ratios[variants[0]], "ratio_by_variant": ratios,
             "torch_format": torch_fmt, "all_images_per_sec": ips,
-            "seconds_per_step": times}
+            "seconds_per_step": times, "per_round": records}
     cases.append(case)
     print(json.dumps(case), flush=True)
   result = {"cases": cases, "info": info}

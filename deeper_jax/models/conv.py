@@ -2,9 +2,9 @@
 
 * ``xla``: ``lax.conv_general_dilated`` for everything. The fast path on GPU/TPU.
 * ``hybrid``: XLA's conv for the forward pass and the input gradient, but the kernel
-  gradient as GEMMs (``kernel_grad_by_rows``). On CPU, XLA's forward and input-gradient
-  convs ran about as fast as PyTorch's oneDNN ones, while its kernel gradient (lowered as
-  a convolution with an H×W window) ran 3–4× slower; this is what closed the gap
+  gradient as one GEMM (``kernel_grad_by_rows``). On CPU, XLA's forward and input-gradient
+  convs ran 1.3–1.4× slower than PyTorch's oneDNN ones, its kernel gradient (lowered as
+  a convolution with an H×W window) 1.5–7× slower; the GEMM form narrows the latter most
   (benchmarks/README.md, "train step"). The CPU default.
 * ``patches``: im2col (k² shifted copies concatenated along channels) × kernel matrix,
   differentiated by XLA. Kept as a measured alternative: the copies cost more than the
@@ -52,29 +52,29 @@ def _xla_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax
 
 def kernel_grad_by_rows(x: jax.Array, dy: jax.Array, kernel_size: int, padding: int
                         ) -> jax.Array:
-  """dL/dkernel of a stride-1 conv as k GEMMs, without a full im2col.
+  """dL/dkernel of a stride-1 conv as one GEMM, without a full im2col.
 
-  dK[i, j] = Σ_{b,h,w} xp[b, h+i, w+j] ⊗ dy[b, h, w]. The k column shifts are
-  concatenated along channels once (t: [B, Hp, W, k·C], k× the input instead of k²×);
-  the row shift i is applied to dy instead (zero-padded by i rows above, k-1-i below,
-  cheap when C_out ≤ k·C_in), so each row of the kernel is one GEMM
-  t_flat^T @ dy_i_flat with a long contraction. XLA CPU's own kernel gradient
-  (a convolution with a H×W window) ran 1.7–2× slower on VGG's middle layers
-  (one thread, batch 8: 56²×128→128 323 vs 184 ms, 28²×256→256 267 vs 132 ms).
+  dK[i, j] = Σ_{b,h,w} xp[b, h+i, w+j] ⊗ dy[b, h, w]. The k column shifts of x are
+  stacked along channels (t: [B, Hp, W, k·C], k× the input instead of k²×) and the k
+  row shifts are applied to dy instead (dy zero-padded by i rows above, k-1-i below,
+  stacked: [B, Hp, W, k·C_out]), so one GEMM ``dys^T @ t`` with a long contraction
+  gives every (i, j) block at once: G[i, o, j, c] = dK[i, j, c, o]. XLA CPU's own
+  kernel gradient (a convolution with a H×W window) ran 1.6–2.3× slower on VGG's
+  middle layers (2 threads, batch 8: 56²×128→128 123 vs 70 ms, 28²×256→256 116 vs
+  48 ms); one GEMM beat k GEMMs with t on the left by 5–20% (108 vs 132 ms at 112²×64).
   """
   k, p = kernel_size, padding
-  b, h, w, c = x.shape
   ho, wo = dy.shape[1], dy.shape[2]
+  c, c_out = x.shape[-1], dy.shape[-1]
   xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
   hp = xp.shape[1]
   # stack on a new axis, then merge: XLA CPU emits this copy ~2× faster than a concat
   # along the channel axis (71 vs 141 ms for a 78 MB result, one thread).
   t = jnp.stack([xp[:, :, j:j + wo] for j in range(k)], axis=-2).reshape(-1, k * c)
-  rows = []
-  for i in range(k):
-    dy_i = jnp.pad(dy, ((0, 0), (i, hp - ho - i), (0, 0), (0, 0))).reshape(-1, dy.shape[-1])
-    rows.append(jnp.dot(t.T, dy_i).reshape(k, c, dy.shape[-1]))
-  return jnp.stack(rows)
+  dys = jnp.stack([jnp.pad(dy, ((0, 0), (i, hp - ho - i), (0, 0), (0, 0))) for i in range(k)],
+                  axis=-2).reshape(-1, k * c_out)
+  g = jax.lax.dot_general(dys, t, (((0,), (0,)), ((), ())))  # [k·C_out, k·C]
+  return g.reshape(k, c_out, k, c).transpose(0, 2, 3, 1)
 
 
 # Below this many input channels (an RGB or Sobel first layer) XLA's own kernel gradient
