@@ -43,9 +43,11 @@ from deeper_jax.clustering import assign, checks, fixed_point, init as init_lib,
 from deeper_jax.clustering.layout import plan_rows, put_rows, resolve_mesh
 from deeper_jax.parallel import replicated
 
-# Rows per assignment block at most (also capped by ``chunk_size``): the [rows, 1024]
-# score block then stays in cache; measured fastest (benchmarks/README.md).
-MAX_BLOCK_ROWS = 1024
+# Rows per assignment block at most (also capped by ``chunk_size``). Besides the GEMM,
+# each block of the pruned passes runs ~40 small ops (bounds, gathers, scatters) whose
+# fixed cost 2048-row blocks halve: at (200k, 128, 10k) 2.36-2.60 vs 2.63-2.74 s/iter
+# with 1024; a tie at (100k, 256, 1k) (benchmarks/README.md, k-means).
+MAX_BLOCK_ROWS = 2048
 # False: score every row against every centroid in every pass (plain Lloyd; the
 # pruned passes of lloyd.py give the same results, this switch is for tests).
 PRUNE = True
