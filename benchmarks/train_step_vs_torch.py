@@ -178,7 +178,7 @@ def param_counts_224() -> dict[str, int]:
 
 # ------------------------------------------------------------------------------ harness
 def _side_worker(conn, name: str, batch: int, size: int, threads: int) -> None:
-  """Worker process of one side: builds it, then times ``n`` steps per request."""
+  """Worker process of one side: builds it, then serves ``(warm, steps)`` timing requests."""
   framework, _, variant = name.partition(":")
   if framework == "jax":
     run, sync = jax_step(variant, batch, size)
@@ -231,7 +231,7 @@ def measure(sides: dict, warmup: int, steps: int, repeats: int, round_warmup: in
   compares sides within a round (ratios), which cancels slow drifts in that load.
   Each side first runs `round_warmup` untimed steps in its round: the step right after
   the *other* framework's burst is not what a training run sees (on this VM it paid
-  2-6 s of extra system time re-faulting pages the other process had just freed).
+  2-5 s of extra system time at 224 px re-faulting pages the other process had just freed).
   Returns the wall seconds per step and the full per-round records (user/sys seconds
   and page faults per step).
   """
