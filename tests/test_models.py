@@ -174,6 +174,20 @@ def test_conv_implementations_agree(name, shape):
       np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-3 * float(np.abs(a).max()) + 1e-7)
 
 
+@pytest.mark.parametrize("side,routed", [(2, True), (4, True), (5, False)])
+def test_hybrid_runs_tiny_images_as_patches(side, routed):
+  """XLA CPU's conv kernel for tiny images is ~80x slower than im2col x GEMM (conv.py)."""
+  from deeper_jax.models.conv import SMALL_IMAGE, Conv2D
+  assert (side * side <= SMALL_IMAGE) == routed
+  layer = Conv2D(features=8, kernel_size=3, padding=1, conv_impl="hybrid")
+  x = jnp.ones((2, side, side, 4))
+  variables = layer.init(jax.random.key(0), x)
+  hlo = jax.jit(layer.apply).lower(variables, x).as_text()
+  assert ("convolution" in hlo) != routed
+  reference = Conv2D(features=8, kernel_size=3, padding=1, conv_impl="xla").apply(variables, x)
+  np.testing.assert_allclose(layer.apply(variables, x), reference, rtol=1e-5, atol=1e-5)
+
+
 def test_auto_conv_impl_depends_on_the_platform():
   assert resolve_conv_impl("xla") == "xla"
   assert resolve_conv_impl("auto") == ("hybrid" if jax.default_backend() == "cpu" else "xla")

@@ -2,7 +2,8 @@
 
 * ``xla``: ``lax.conv_general_dilated`` for everything. The fast path on GPU/TPU.
 * ``hybrid``: XLA's conv for the forward pass and the input gradient, but the kernel
-  gradient as one GEMM (``kernel_grad_by_rows``). On CPU, XLA's forward and input-gradient
+  gradient as one GEMM (``kernel_grad_by_rows``); images of ≤ ``SMALL_IMAGE`` pixels go
+  the ``patches`` way. On CPU, XLA's forward and input-gradient
   convs ran 1.3–1.4× slower than PyTorch's oneDNN ones, its kernel gradient (lowered as
   a convolution with an H×W window) 1.5–7× slower; the GEMM form narrows the latter most
   (benchmarks/README.md, "train step"). The CPU default.
@@ -134,6 +135,15 @@ def im2col(x: jax.Array, kernel_size: tuple[int, int], strides: tuple[int, int]
   return jnp.stack(cols, axis=-2).reshape(b, oh, ow, kh * kw * c)
 
 
+# ``hybrid`` runs images of at most this many pixels as ``patches``: XLA CPU sends 3×3
+# convs over tiny images to a slow generic kernel. fwd+bwd, ms, 2 threads: 8×2×2×512→512
+# 165 vs 2.8 (forward alone 84 vs 1); 8×1×1×512 7.2 vs 2.0; 8×3×3×512 12.6 vs 4.8;
+# 8×4×4×512 15.5 vs 7.7; 256×4×4×64 8.0 vs 6.2. From 7×7 up it depends on batch and
+# channels (256×7×7×64: 27 vs 36; 8×7×7×512: 34 vs 21), so the rule stops at 4×4.
+# VGG-16 on 32-px inputs (last block 2×2): 0.70 → 0.17 s/step, batch 8.
+SMALL_IMAGE = 16
+
+
 class Conv2D(nn.Module):
   """Conv with explicit symmetric zero padding, bias, and a switchable implementation."""
   features: int
@@ -151,6 +161,8 @@ class Conv2D(nn.Module):
     x = x.astype(self.dtype)
     kernel = kernel.astype(self.dtype)
     impl = resolve_conv_impl(self.conv_impl)
+    if impl == "hybrid" and x.shape[1] * x.shape[2] <= SMALL_IMAGE:
+      impl = "patches"
     if impl == "xla":
       y = _xla_conv(x, kernel, s, p)
     elif impl == "hybrid":
