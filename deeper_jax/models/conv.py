@@ -2,14 +2,14 @@
 
 * ``xla``: ``lax.conv_general_dilated`` for everything. The fast path on GPU/TPU.
 * ``hybrid``: XLA's conv for the forward pass and the input gradient, but the kernel
-  gradient as one GEMM (``kernel_grad_by_rows``); images of ≤ ``SMALL_IMAGE`` pixels go
-  the ``patches`` way. On CPU, XLA's forward and input-gradient
-  convs ran 1.3–1.4× slower than PyTorch's oneDNN ones, its kernel gradient (lowered as
-  a convolution with an H×W window) 1.5–7× slower; the GEMM form narrows the latter most
+  gradient as one GEMM (``kernel_grad_by_gemm``); images of ≤ ``SMALL_IMAGE`` pixels go
+  the ``patches`` way. On CPU, XLA's forward and input-gradient convs ran 1.3–1.4×
+  slower than PyTorch's oneDNN ones, its kernel gradient (lowered as a convolution with
+  an H×W window) 1.5–7× slower; the GEMM form narrows the latter most
   (benchmarks/README.md, "train step"). The CPU default.
 * ``patches``: im2col (k² shifted copies concatenated along channels) × kernel matrix,
-  differentiated by XLA. Kept as a measured alternative: the copies cost more than the
-  GEMM saves at VGG's sizes.
+  differentiated by XLA. On its own slower at VGG's sizes (the copies cost more than the
+  GEMM saves); ``hybrid`` uses it for tiny images only.
 
 All read the same parameters (``kernel`` [kh, kw, C_in, C_out], ``bias``), so a
 checkpoint trained with one runs with any other.
@@ -51,7 +51,7 @@ def _xla_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax
       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def kernel_grad_by_rows(x: jax.Array, dy: jax.Array, kernel_size: int, padding: int
+def kernel_grad_by_gemm(x: jax.Array, dy: jax.Array, kernel_size: int, padding: int
                         ) -> jax.Array:
   """dL/dkernel of a stride-1 conv as one GEMM, without a full im2col.
 
@@ -98,7 +98,7 @@ def _hybrid_bwd(stride, padding, residuals, dy):
   _, x_vjp = jax.vjp(lambda x_: _xla_conv(x_, kernel, stride, padding), x)
   (dx,) = x_vjp(dy)
   if stride == 1 and x.shape[-1] >= MIN_CHANNELS_FOR_ROWS:
-    dk = kernel_grad_by_rows(x, dy, kernel.shape[0], padding).astype(kernel.dtype)
+    dk = kernel_grad_by_gemm(x, dy, kernel.shape[0], padding).astype(kernel.dtype)
   else:
     _, k_vjp = jax.vjp(lambda k_: _xla_conv(x, k_, stride, padding), kernel)
     (dk,) = k_vjp(dy)
