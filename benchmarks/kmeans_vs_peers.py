@@ -40,7 +40,10 @@ import time
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LIBS = ("deeper_jax", "faiss", "sklearn")
+# deeper_jax: the default (dot='auto': the AMX bf16x3 kernel where the CPU has AMX);
+# deeper_jax_float32: the same with XLA's float32 dot, for comparison in the same run.
+LIBS = ("deeper_jax", "deeper_jax_float32", "faiss", "sklearn")
+OURS = ("deeper_jax", "deeper_jax_float32")
 CASES = ((100_000, 256, 1000), (200_000, 128, 10_000))
 QUICK_CASES = ((20_000, 64, 100), (20_000, 32, 1000))
 ITERS = 10
@@ -93,16 +96,19 @@ def objective(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray) -> float
 # ----------------------------------------------------------------------------- workers
 
 
-def _run_deeper_jax(x, c0, start_measure):
+def _run_deeper_jax(x, c0, start_measure, dot="auto"):
   sys.path.insert(0, REPO)
+  import jax
+  from deeper_jax.clustering import amx_dot
   from deeper_jax.clustering.kmeans import kmeans
   t = time.perf_counter()
-  kmeans(x, len(c0), num_iters=1, init_centroids=c0)  # compile these shapes once
+  kmeans(x, len(c0), num_iters=1, init_centroids=c0, dot=dot)  # compile these shapes once
   compile_s = time.perf_counter() - t
   start_measure()
   t = time.perf_counter()
-  r = kmeans(x, len(c0), num_iters=ITERS, init_centroids=c0)
-  return time.perf_counter() - t, r.centroids, r.assignments, {"compile_s": compile_s}
+  r = kmeans(x, len(c0), num_iters=ITERS, init_centroids=c0, dot=dot)
+  return time.perf_counter() - t, r.centroids, r.assignments, {
+      "compile_s": compile_s, "dot": amx_dot.resolve(dot, jax.devices())}
 
 
 def _run_faiss(x, c0, start_measure):
@@ -145,8 +151,10 @@ def _reset_peak() -> bool:
 
 
 def worker(lib: str, data: str, init: str, out: str) -> None:
-  runner = {"deeper_jax": _run_deeper_jax, "faiss": _run_faiss, "sklearn": _run_sklearn}[lib]
-  if lib == "deeper_jax":
+  runner = {"deeper_jax": _run_deeper_jax,
+            "deeper_jax_float32": lambda *a: _run_deeper_jax(*a, dot="float32"),
+            "faiss": _run_faiss, "sklearn": _run_sklearn}[lib]
+  if lib in OURS:
     import jax  # noqa: F401  (import cost is not the clustering's)
   elif lib == "faiss":
     import faiss  # noqa: F401
@@ -190,7 +198,7 @@ def run_case(n, d, k, repeats, libs, tmp):
       r = np.load(out)
       sec = float(r["seconds"]) / (ITERS + 1)
       rounds[-1][lib] = sec
-      print(f"  N={n} d={d} k={k} repeat {rep} {lib:10s} {sec:.3f} s/iter "
+      print(f"  N={n} d={d} k={k} repeat {rep} {lib:18s} {sec:.3f} s/iter "
             f"(+{float(r['peak_mb']):.0f} MB)", flush=True)
       if lib not in best or sec < best[lib]["sec_per_iter"]:
         best[lib] = {"sec_per_iter": sec, "objective": objective(x, r["centroids"], r["labels"]),
@@ -204,10 +212,10 @@ def run_case(n, d, k, repeats, libs, tmp):
 
 def report(case) -> None:
   sec, obj = case["sec_per_iter"], case["objective"]
-  peers = [lib for lib in sec if lib != "deeper_jax"]
+  peers = [lib for lib in sec if lib not in OURS]
   print(f"N={case['N']} d={case['d']} k={case['k']}")
   for lib in sec:
-    print(f"  {lib:10s} {sec[lib]:8.3f} s/iter  objective {obj[lib]:.6f}  "
+    print(f"  {lib:18s} {sec[lib]:8.3f} s/iter  objective {obj[lib]:.6f}  "
           f"peak +{case['peak_mb'][lib]:.0f} MB")
   if "deeper_jax" in sec and peers:
     fastest = min(peers, key=sec.get)

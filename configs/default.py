@@ -44,6 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.clustering.num_iters = 10      # Lloyd iterations (the paper: 10 suffice)
   config.clustering.init = "random"     # 'random' data points (paper) or 'kmeans++'
   config.clustering.chunk_size = 8192   # rows per distance block: memory chunk·k, never N·k
+  config.clustering.dot = "auto"        # scores x·c: 'float32', 'bf16x3' (AMX), 'auto'
   config.clustering.extract_batch_size = 1024
 
   config.train = ml_collections.ConfigDict()

@@ -8,9 +8,11 @@ from __future__ import annotations
 import os
 
 from deeper_jax import parallel
+from deeper_jax.clustering import amx_dot
 
 VALID_LOSSES = ("hierarchical", "flat")
 VALID_INITS = ("random", "kmeans++")
+VALID_DOTS = amx_dot.DOTS
 
 
 class ConfigError(ValueError):
@@ -49,6 +51,9 @@ def check_static(config, num_devices: int) -> None:
   _require(config.clustering.init in VALID_INITS,
            f"config.clustering.init={config.clustering.init!r} is unknown; use one of "
            f"{VALID_INITS}.")
+  _require(config.clustering.dot in VALID_DOTS,
+           f"config.clustering.dot={config.clustering.dot!r} is unknown; use one of "
+           f"{VALID_DOTS}.")
   _require(0 < config.clustering.pca_dim <= config.model.feature_dim,
            f"config.clustering.pca_dim={config.clustering.pca_dim} must be in "
            f"[1, config.model.feature_dim={config.model.feature_dim}].")

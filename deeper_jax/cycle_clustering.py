@@ -61,7 +61,8 @@ def cluster_backbone(model, variables, source, config, *, cycle: int, mesh,
   result = hierarchical.hierarchical_kmeans(
       reduced, method.num_super_clusters, method.num_sub_clusters,
       num_iters=cfg.num_iters, seed=seed, chunk_size=cfg.chunk_size, mesh=mesh,
-      init=cfg.init, progress=lambda it, obj: faults.reached("kmeans", next(iterations)))
+      init=cfg.init, progress=lambda it, obj: faults.reached("kmeans", next(iterations)),
+      dot=cfg.dot)
   clusters = {
       "super_labels": np.asarray(result.super_labels, np.int32),
       "sub_labels": np.asarray(result.sub_labels, np.int32),

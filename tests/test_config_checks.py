@@ -24,6 +24,7 @@ def _config(**overrides):
     ({"method__num_rotations": 3}, r"config\.method\.num_rotations=3 must be 1 .* or 4"),
     ({"method__loss": "triplet"}, r"config\.method\.loss='triplet' is unknown"),
     ({"clustering__pca_dim": 1000}, r"config\.clustering\.pca_dim=1000 must be in"),
+    ({"clustering__dot": "fp8"}, r"config\.clustering\.dot='fp8' is unknown; use one of"),
 ])
 def test_bad_static_config_names_the_field(overrides, match):
   with pytest.raises(ConfigError, match=match):

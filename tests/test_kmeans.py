@@ -58,11 +58,21 @@ def inertia(x, centroids, labels) -> float:
   return float(np.sum(diff * diff))
 
 
-def test_objective_matches_sklearn_lloyd_from_same_init():
+def skip_unless_available(dot: str) -> None:
+  """bf16x3 needs an AMX CPU and g++; elsewhere its tests skip and say why."""
+  from deeper_jax.clustering import amx_dot
+  why = amx_dot.unavailable_reason() if dot == "bf16x3" else None
+  if why:
+    pytest.skip(f"AMX kernel unavailable: {why}")
+
+
+@pytest.mark.parametrize("dot", ["float32", "bf16x3"])
+def test_objective_matches_sklearn_lloyd_from_same_init(dot):
   from sklearn.cluster import KMeans
+  skip_unless_available(dot)
   x = fmnist_features(N)
   c0 = distinct_rows(x, K)
-  ours = kmeans(x, K, num_iters=10, init_centroids=c0)
+  ours = kmeans(x, K, num_iters=10, init_centroids=c0, dot=dot)
   ref = KMeans(K, init=c0, n_init=1, max_iter=10, tol=0, algorithm="lloyd").fit(x)
   assert ours.objective == pytest.approx(ref.inertia_, rel=1e-4)
   assert np.mean(ours.assignments == ref.labels_) > 0.99
@@ -115,28 +125,33 @@ def test_kmeans_plus_plus_init_picks_distinct_points_and_is_deterministic():
   assert pp_obj < random_obj
 
 
-def test_chunked_equals_unchunked(monkeypatch):
+@pytest.mark.parametrize("dot", ["float32", "bf16x3"])
+def test_chunked_equals_unchunked(monkeypatch, dot):
+  skip_unless_available(dot)
   x = fmnist_features(N)
   c0 = distinct_rows(x, K)
   monkeypatch.setattr(kmeans_lib, "MAX_BLOCK_ROWS", 1 << 20)
-  whole = kmeans(x, K, init_centroids=c0, chunk_size=N)     # one block of all rows
-  chunked = kmeans(x, K, init_centroids=c0, chunk_size=37)  # 54 blocks and a tail
+  whole = kmeans(x, K, init_centroids=c0, chunk_size=N, dot=dot)     # one block of all rows
+  chunked = kmeans(x, K, init_centroids=c0, chunk_size=37, dot=dot)  # 54 blocks and a tail
   np.testing.assert_array_equal(whole.assignments, chunked.assignments)
   np.testing.assert_array_equal(whole.centroids, chunked.centroids)
   np.testing.assert_array_equal(whole.sizes, chunked.sizes)
   assert whole.objective == chunked.objective
 
 
-def test_pruned_passes_give_exactly_the_plain_lloyd_result(monkeypatch, caplog):
-  """Bounds (Yinyang) and the unmoved-centroid shortcut only skip provably idle work."""
+@pytest.mark.parametrize("dot", ["float32", "bf16x3"])
+def test_pruned_passes_give_exactly_the_plain_lloyd_result(monkeypatch, caplog, dot):
+  """Bounds (Yinyang) and the unmoved-centroid shortcut only skip provably idle work
+  (with either dot: each has its own error bound in the skip tests)."""
   import logging as py_logging
   from absl import logging
+  skip_unless_available(dot)
   x = fmnist_features(N)
   c0 = distinct_rows(x, K)
   logging.set_verbosity(1)  # vlog(1) reports how many rows each pass skipped
   try:
     with caplog.at_level(py_logging.DEBUG):
-      pruned = kmeans(x, K, init_centroids=c0, num_iters=15)
+      pruned = kmeans(x, K, init_centroids=c0, num_iters=15, dot=dot)
   finally:
     logging.set_verbosity(logging.WARNING)
   work = [tuple(int(v) for v in re.search(
@@ -146,7 +161,7 @@ def test_pruned_passes_give_exactly_the_plain_lloyd_result(monkeypatch, caplog):
   assert sum(w[0] for w in work) > 0 and sum(w[1] for w in work) > 0  # both paths taken
   assert sum(w[2] for w in work) < 15 * N                               # real savings
   monkeypatch.setattr(kmeans_lib, "PRUNE", False)
-  plain = kmeans(x, K, init_centroids=c0, num_iters=15)
+  plain = kmeans(x, K, init_centroids=c0, num_iters=15, dot=dot)
   np.testing.assert_array_equal(pruned.assignments, plain.assignments)
   np.testing.assert_array_equal(pruned.centroids, plain.centroids)
   assert pruned.objective == plain.objective
@@ -161,21 +176,22 @@ def test_identical_results_on_1_and_8_devices(tmp_path):
     from deeper_jax.clustering.kmeans import kmeans
     x = fmnist_features(1001)  # not a multiple of 8: the last shard has padding rows
     out = {'devices': jax.device_count()}
-    for init in ('random', 'kmeans++'):
-      r = kmeans(x, 13, seed=5, init=init, chunk_size=48)
-      np.save(f'OUT/{jax.device_count()}_{init}.npy', r.centroids)
-      out[init] = {'assignments': r.assignments.tolist(), 'objective': r.objective,
-                   'sizes': r.sizes.tolist()}
+    for init, dot in (('random', 'float32'), ('random', 'auto'), ('kmeans++', 'auto')):
+      r = kmeans(x, 13, seed=5, init=init, chunk_size=48, dot=dot)
+      np.save(f'OUT/{jax.device_count()}_{init}_{dot}.npy', r.centroids)
+      out[init + dot] = {'assignments': r.assignments.tolist(), 'objective': r.objective,
+                         'sizes': r.sizes.tolist()}
     print(json.dumps(out))
   """.replace("OUT", str(tmp_path))
   one, eight = run_with_devices(code, 1), run_with_devices(code, 8)
   assert (one["devices"], eight["devices"]) == (1, 8)
-  for init in ("random", "kmeans++"):
-    assert one[init]["assignments"] == eight[init]["assignments"]
-    assert one[init]["sizes"] == eight[init]["sizes"]
-    assert one[init]["objective"] == eight[init]["objective"]
-    np.testing.assert_array_equal(np.load(tmp_path / f"1_{init}.npy"),
-                                  np.load(tmp_path / f"8_{init}.npy"))
+  for init, dot in (("random", "float32"), ("random", "auto"), ("kmeans++", "auto")):
+    run = init + dot
+    assert one[run]["assignments"] == eight[run]["assignments"]
+    assert one[run]["sizes"] == eight[run]["sizes"]
+    assert one[run]["objective"] == eight[run]["objective"]
+    np.testing.assert_array_equal(np.load(tmp_path / f"1_{init}_{dot}.npy"),
+                                  np.load(tmp_path / f"8_{init}_{dot}.npy"))
 
 
 def test_jax_array_input_gives_the_numpy_result():
@@ -235,6 +251,7 @@ def test_split_copies_a_non_empty_centroid_plus_and_minus_eps():
      r"init_centroids has shape \(4, 32\)"),
     ({"k": 3, "init": "furthest"}, r"init must be one of \('random', 'kmeans\+\+'\)"),
     ({"k": 3, "chunk_size": 0}, r"chunk_size must be an integer >= 1"),
+    ({"k": 3, "dot": "fp16"}, r"dot must be one of \('auto', 'float32', 'bf16x3'\)"),
 ])
 def test_invalid_arguments_raise_one_clear_error(kwargs, match):
   x = fmnist_features(200)

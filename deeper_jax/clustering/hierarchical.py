@@ -29,7 +29,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from deeper_jax.clustering import checks
+from deeper_jax.clustering import amx_dot, checks
 from deeper_jax.clustering.kmeans import kmeans
 
 
@@ -58,22 +58,24 @@ def _sub_seed(seed: int, super_id: int) -> int:
 def hierarchical_kmeans(x, num_super: int, num_sub: int, *, num_iters: int = 10, seed: int = 0,
                         chunk_size: int = 8192, mesh: Mesh | None = None,
                         init: str = "random",
-                        progress: Callable[[int, float], None] | None = None
-                        ) -> HierarchicalResult:
+                        progress: Callable[[int, float], None] | None = None,
+                        dot: str = "auto") -> HierarchicalResult:
   """Super-clusters over all rows of ``x`` [N, d], then sub-clusters inside each.
 
   ``progress(iteration, objective)`` is called after every Lloyd iteration of every
-  k-means run (level 1, then each super-cluster in turn).
+  k-means run (level 1, then each super-cluster in turn). ``dot``: as in ``kmeans``.
   """
   n, _ = checks.check_features(x, "x")
   checks.check_num_clusters(num_super, n, "num_super")
   checks.check_positive(num_sub, "num_sub")
   checks.check_init(init)
+  amx_dot.check_dot(dot)
   host_x = np.asarray(x, np.float32)
 
   # One super-cluster: its centroid is the mean, one iteration finds it.
   top = kmeans(host_x, num_super, num_iters=num_iters if num_super > 1 else min(num_iters, 1),
-               seed=seed, init=init, chunk_size=chunk_size, mesh=mesh, progress=progress)
+               seed=seed, init=init, chunk_size=chunk_size, mesh=mesh, progress=progress,
+               dot=dot)
   super_labels = top.assignments.astype(np.int32)
   sub_labels = np.zeros(n, np.int32)
   sub_sizes = np.zeros((num_super, num_sub), np.int32)
@@ -85,12 +87,13 @@ def hierarchical_kmeans(x, num_super: int, num_sub: int, *, num_iters: int = 10,
       continue
     if num_super == 1:  # DeepCluster's flat k-means: the same call as kmeans(x, k_sub, seed)
       part = kmeans(host_x, k_c, num_iters=num_iters, seed=seed, init=init,
-                    chunk_size=chunk_size, mesh=mesh, progress=progress)
+                    chunk_size=chunk_size, mesh=mesh, progress=progress, dot=dot)
     else:
       subset = np.zeros((bucket_rows(len(rows)), host_x.shape[1]), np.float32)
       subset[:len(rows)] = host_x[rows]
       part = kmeans(subset, k_c, num_iters=num_iters, seed=_sub_seed(seed, c), init=init,
-                    chunk_size=chunk_size, mesh=mesh, progress=progress, num_valid=len(rows))
+                    chunk_size=chunk_size, mesh=mesh, progress=progress, num_valid=len(rows),
+                    dot=dot)
     sub_labels[rows] = part.assignments
     sub_sizes[c, :k_c] = part.sizes
     sub_objective += part.objective

@@ -15,8 +15,9 @@ answer. Both skips give exactly the plain-Lloyd assignment (tested: on == off):
    a lower bound on the distance to the group's other centroids is kept and
    lowered by the group's largest move after each update (triangle inequality).
    If the exact distance to the row's own centroid is below every bound by more
-   than twice the worst-case float error of a score (``_score_error``: d*2^-24 of
-   (||x|| + max||c||)^2, x4), the own centroid is still the *float* argmin and the
+   than twice the worst-case error of a computed score (``_score_error``: d*2^-24
+   of (||x|| + max||c||)^2, x4, for XLA's float32 dot; ~5e-5 for the AMX bf16x3
+   kernel), the own centroid is still the argmin of the computed scores and the
    row is skipped. The bounds come from the group minima the two-level argmin
    computes anyway.
 2. Unmoved centroids: if a row's own centroid did not move, every other unmoved
@@ -25,7 +26,8 @@ answer. Both skips give exactly the plain-Lloyd assignment (tested: on == off):
    tiles of their own) are scored and compared with ``best`` in (score, id) order.
    At large k most centroids stop moving (about 75% at k=10k, N/k=20, by iteration
    10). This relies on a (row, centroid) score being the same bits in any block
-   shape, which holds for XLA:CPU's dot (each score is one dot product over d).
+   shape, which holds for XLA:CPU's dot (each score is one dot product over d)
+   and for the AMX kernel (a fixed order over the depth for every pair).
 
 Other rows are scored against all centroids. Rows go through compacted index lists
 (``jnp.nonzero`` with a static size) in ``fori_loop``s whose trip counts are the
@@ -48,7 +50,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from deeper_jax.clustering import assign, fixed_point
+from deeper_jax.clustering import amx_dot, assign, fixed_point
 from deeper_jax.clustering.layout import RowLayout, scan_chunks, shard_index
 from deeper_jax.parallel import DATA_AXES, rows_sharding
 
@@ -100,13 +102,14 @@ def _moved_tiles(tiles: assign.CentroidTiles, moved: jax.Array):
                               sq.reshape(blocks, per_block)), num_blocks, ids
 
 
-def _score_error(sq_norm_x: jax.Array, c_max: jax.Array, d: int) -> jax.Array:
-  """Bound on |float score - exact score| for rows with ``||x||^2 = sq_norm_x``.
+def _score_error(sq_norm_x: jax.Array, c_max: jax.Array, d: int, dot: str) -> jax.Array:
+  """Bound on |computed score - exact score| for rows with ``||x||^2 = sq_norm_x``.
 
-  A float dot product over d terms errs by at most ``d * 2^-24 * ||x|| ||c||``
-  (any summation order), the norm ``||c||^2`` likewise; 4x that, to spare.
+  The dot product errs by at most ``amx_dot.relative_error(dot, d) * ||x|| ||c||``
+  (float32: ``(d + 4) 2^-24``, any summation order; bf16x3: ~5e-5 at d = 256),
+  the norm ``||c||^2`` by less; 4x that, to spare.
   """
-  return 4.0 * (d + 4) * 2.0**-24 * (jnp.sqrt(sq_norm_x) + c_max) ** 2
+  return 4.0 * amx_dot.relative_error(dot, d) * (jnp.sqrt(sq_norm_x) + c_max) ** 2
 
 
 def _lower_bound(score: jax.Array, sq_norm_x: jax.Array, error: jax.Array) -> jax.Array:
@@ -143,7 +146,7 @@ def _reassign_shard(x, centroids, shift, state, scale, num_valid, *, layout: Row
   def filter_body(carry, chunk, rows, fresh, _):
     xi, ai, bi = chunk
     sq_x = assign.row_sums(xi * xi)
-    error = _score_error(sq_x, c_max, d)
+    error = _score_error(sq_x, c_max, d, spec.dot)
     # Triangle inequality, rounded down; infinite bounds (nothing known, or a group
     # of padding slots) stay as they are.
     decayed = bi - group_shift[None, :] - 2.0**-22 * (jnp.abs(bi) + group_shift[None, :])
@@ -171,7 +174,7 @@ def _reassign_shard(x, centroids, shift, state, scale, num_valid, *, layout: Row
       safe = jnp.minimum(idx, per_shard - 1)
       xi = x[safe]
       sq_x = assign.row_sums(xi * xi)
-      new = search(xi, sq_x, _score_error(sq_x, c_max, d),
+      new = search(xi, sq_x, _score_error(sq_x, c_max, d, spec.dot),
                    {name: value[safe] for name, value in per_row.items()})
       return {name: per_row[name].at[idx].set(new[name], mode="drop") for name in per_row}
 
