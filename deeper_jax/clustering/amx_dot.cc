@@ -7,9 +7,9 @@
 //     x.c ~= hi_x.hi_c + lo_x.hi_c + hi_x.lo_c      (the lo_x.lo_c term dropped),
 // which is ONE bf16 GEMM over the concatenated depth 3d:
 //     x' = [hi_x, lo_x, hi_x],  c' = [hi_c, hi_c, lo_c].
-// Error (derived in amx_dot.py, ``DOT_ERROR``): <= (3.1 * 2^-16 + (3d + 4) 2^-24)
-// ||x|| ||c||, about 3x float32's worst case at d = 256; the products are exact in
-// float32 and accumulate in float32.
+// Error (derived in amx_dot.py, ``relative_error``): <= (3.1 * 2^-16 + (3d + 4) 2^-24)
+// ||x|| ||c||, 6x float32's worst case at d = 256 (measured <= 2e-5); the bf16
+// products are exact in float32 and accumulate in float32.
 //
 // Determinism: every output element is accumulated over the same 3d terms in the
 // same order whatever the other rows and columns of the call are, so a (row,

@@ -92,7 +92,7 @@ def kmeans(x, k: int, *, num_iters: int = 10, seed: int = 0, init: str = "random
       varies (level 2 of hierarchical k-means) pad to a few sizes and reuse them.
     dot: how scores ``x.c`` are multiplied: ``'float32'`` (XLA's dot),
       ``'bf16x3'`` (AMX tiles, ~2x faster on CPUs that have them, scores within
-      ~5e-5 of ||x|| ||c||; amx_dot.py) or ``'auto'`` (bf16x3 where available).
+      1e-4 of ||x|| ||c||; amx_dot.py) or ``'auto'`` (bf16x3 where available).
   """
   rows, d = checks.check_features(x, "x")
   n = rows

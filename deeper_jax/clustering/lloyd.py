@@ -16,7 +16,7 @@ answer. Both skips give exactly the plain-Lloyd assignment (tested: on == off):
    lowered by the group's largest move after each update (triangle inequality).
    If the exact distance to the row's own centroid is below every bound by more
    than twice the worst-case error of a computed score (``_score_error``: d*2^-24
-   of (||x|| + max||c||)^2, x4, for XLA's float32 dot; ~5e-5 for the AMX bf16x3
+   of (||x|| + max||c||)^2, x4, for XLA's float32 dot; ~1e-4 for the AMX bf16x3
    kernel), the own centroid is still the argmin of the computed scores and the
    row is skipped. The bounds come from the group minima the two-level argmin
    computes anyway.
@@ -106,7 +106,7 @@ def _score_error(sq_norm_x: jax.Array, c_max: jax.Array, d: int, dot: str) -> ja
   """Bound on |computed score - exact score| for rows with ``||x||^2 = sq_norm_x``.
 
   The dot product errs by at most ``amx_dot.relative_error(dot, d) * ||x|| ||c||``
-  (float32: ``(d + 4) 2^-24``, any summation order; bf16x3: ~5e-5 at d = 256),
+  (float32: ``(d + 4) 2^-24``, any summation order; bf16x3: 9e-5 at d = 256),
   the norm ``||c||^2`` by less; 4x that, to spare.
   """
   return 4.0 * amx_dot.relative_error(dot, d) * (jnp.sqrt(sq_norm_x) + c_max) ** 2
