@@ -30,9 +30,10 @@ def reference(x, c, bias):
   return np.asarray(x, np.float64) @ np.asarray(c, np.float64).T + np.asarray(bias, np.float64)
 
 
-# Rows and columns not multiples of the 32 x 32 tiles, depths not multiples of 32.
+# Rows and columns not multiples of the 32 x 32 tiles, depths not multiples of 32;
+# 2100 rows = 66 panels in work items of 4 panels and a last item of 2.
 @pytest.mark.parametrize("rows, n, d", [(2048, 1024, 256), (77, 50, 70), (33, 17, 32),
-                                        (1, 1, 5), (300, 1000, 128)])
+                                        (1, 1, 5), (300, 1000, 128), (2100, 70, 96)])
 def test_scores_are_within_the_stated_bound_on_real_features(kernel, rows, n, d):
   x = fmnist_features(rows + n, d)
   c, x = -2.0 * x[rows:], x[:rows]      # centroids are passed as -2c, like lloyd.py

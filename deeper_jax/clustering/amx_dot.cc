@@ -149,49 +149,57 @@ void PackRowPanel(const float* x, const Shape& s, int64_t row0, uint16_t* tiles,
 // Chunks of depth per pass over the columns: the A slice (2 KB per chunk) then
 // stays in L1 while B streams from L2 (~1.5x faster at d = 256 than one pass).
 constexpr int64_t kDepthBlock = 8;
+// Row panels per work item. Each depth block's B slice (n32 x 256 bf16, 512 KB at
+// n = 1024) is read once for all of them: when the whole of B outgrows L2 (large
+// n * d) a panel at a time re-streamed B from DRAM (2048 x 1024 x 4096: 60 ms).
+constexpr int64_t kMaxPanelsPerItem = 4;
 
-// One 32-row panel against all columns; accumulators go through `acc`
-// [n32 / 32][4 tiles][16][16] between depth blocks.
-void MultiplyPanel(const uint16_t* a, const uint16_t* b, const Shape& s, float* acc) {
+// `panels` 32-row panels (A tiles back to back) against all columns; accumulators
+// go through `acc` [panels][n32 / 32][4 tiles][16][16] between depth blocks.
+void MultiplyPanels(const uint16_t* a, int64_t panels, const uint16_t* b, const Shape& s,
+                    float* acc) {
   LoadTileConfig();  // tile state is per thread: set it right before use
   for (int64_t kb = 0; kb < s.chunks; kb += kDepthBlock) {
     const int64_t end = std::min(s.chunks, kb + kDepthBlock);
-    for (int64_t cp = 0; cp < s.n32 / 32; ++cp) {
-      const uint16_t* b0 = b + (2 * cp) * 16 * s.k;
-      const uint16_t* b1 = b0 + 16 * s.k;
-      float* c = acc + cp * 4 * 256;
-      if (kb == 0) {
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
-      } else {
-        _tile_loadd(0, c, 64);
-        _tile_loadd(1, c + 256, 64);
-        _tile_loadd(2, c + 512, 64);
-        _tile_loadd(3, c + 768, 64);
+    for (int64_t pi = 0; pi < panels; ++pi) {
+      const uint16_t* ap = a + pi * 32 * s.k;
+      for (int64_t cp = 0; cp < s.n32 / 32; ++cp) {
+        const uint16_t* b0 = b + (2 * cp) * 16 * s.k;
+        const uint16_t* b1 = b0 + 16 * s.k;
+        float* c = acc + (pi * (s.n32 / 32) + cp) * 4 * 256;
+        if (kb == 0) {
+          _tile_zero(0);
+          _tile_zero(1);
+          _tile_zero(2);
+          _tile_zero(3);
+        } else {
+          _tile_loadd(0, c, 64);
+          _tile_loadd(1, c + 256, 64);
+          _tile_loadd(2, c + 512, 64);
+          _tile_loadd(3, c + 768, 64);
+        }
+        // Software-pipelined: each operand tile is reloaded right after its last
+        // use in this step, so loads overlap the products (tiles are not renamed).
+        _tile_loadd(4, ap + kb * 1024, 64);
+        _tile_loadd(5, ap + kb * 1024 + 512, 64);
+        _tile_loadd(6, b0 + kb * 512, 64);
+        _tile_loadd(7, b1 + kb * 512, 64);
+        for (int64_t ch = kb; ch < end; ++ch) {
+          const int64_t next = ch + 1 < end ? ch + 1 : ch;
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 4, 7);
+          _tile_loadd(4, ap + next * 1024, 64);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_loadd(6, b0 + next * 512, 64);
+          _tile_dpbf16ps(3, 5, 7);
+          _tile_loadd(5, ap + next * 1024 + 512, 64);
+          _tile_loadd(7, b1 + next * 512, 64);
+        }
+        _tile_stored(0, c, 64);
+        _tile_stored(1, c + 256, 64);
+        _tile_stored(2, c + 512, 64);
+        _tile_stored(3, c + 768, 64);
       }
-      // Software-pipelined: each operand tile is reloaded right after its last use
-      // in this step, so loads overlap the products (AMX tiles are not renamed).
-      _tile_loadd(4, a + kb * 1024, 64);
-      _tile_loadd(5, a + kb * 1024 + 512, 64);
-      _tile_loadd(6, b0 + kb * 512, 64);
-      _tile_loadd(7, b1 + kb * 512, 64);
-      for (int64_t ch = kb; ch < end; ++ch) {
-        const int64_t next = ch + 1 < end ? ch + 1 : ch;
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_loadd(4, a + next * 1024, 64);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_loadd(6, b0 + next * 512, 64);
-        _tile_dpbf16ps(3, 5, 7);
-        _tile_loadd(5, a + next * 1024 + 512, 64);
-        _tile_loadd(7, b1 + next * 512, 64);
-      }
-      _tile_stored(0, c, 64);
-      _tile_stored(1, c + 256, 64);
-      _tile_stored(2, c + 512, 64);
-      _tile_stored(3, c + 768, 64);
     }
   }
   _tile_release();
@@ -264,12 +272,22 @@ ffi::Error DotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   ParallelFor(pool, s.n32 / 16, [&s, cs, bp](int64_t tile) {
     PackColumnTile(cs, s, tile * 16, bp + tile * 16 * s.k, Scratch(0, 16 * s.k));
   });
-  ParallelFor(pool, (s.rows + 31) / 32, [&s, xs, bp, bs, os](int64_t panel) {
-    uint16_t* a = Scratch(1, 32 * s.k);
-    float* acc = reinterpret_cast<float*>(Scratch(2, s.n32 * 32 * 2));
-    PackRowPanel(xs, s, panel * 32, a, Scratch(0, 32 * s.k));
-    MultiplyPanel(a, bp, s, acc);
-    StorePanel(acc, bs, s, panel * 32, os);
+  // Groups of panels, but at least ~4 work items per thread to balance the load.
+  const int64_t panels = (s.rows + 31) / 32;
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t group = std::clamp<int64_t>(panels / (4 * threads), 1, kMaxPanelsPerItem);
+  ParallelFor(pool, (panels + group - 1) / group, [&s, xs, bp, bs, os, panels,
+                                                    group](int64_t item) {
+    const int64_t first = item * group, count = std::min(group, panels - first);
+    uint16_t* a = Scratch(1, group * 32 * s.k);
+    float* acc = reinterpret_cast<float*>(Scratch(2, group * s.n32 * 32 * 2));
+    for (int64_t i = 0; i < count; ++i) {
+      PackRowPanel(xs, s, (first + i) * 32, a + i * 32 * s.k, Scratch(0, 32 * s.k));
+    }
+    MultiplyPanels(a, count, bp, s, acc);
+    for (int64_t i = 0; i < count; ++i) {
+      StorePanel(acc + i * s.n32 * 32, bs, s, (first + i) * 32, os);
+    }
   });
   return ffi::Error::Success();
 }
