@@ -10,34 +10,24 @@ float32's ``(d + 4) 2^-24``; lloyd.py's skip tests use whichever bound applies, 
 pruned and plain passes still agree exactly; objectives agree with scikit-learn's
 to ~2e-5 (benchmarks/README.md; tests/test_kmeans.py holds them to 1e-4).
 
-The kernel is compiled on first use with the system ``g++`` into a per-user cache
-(``$DEEPER_JAX_CACHE`` or ``~/.cache/deeper_jax``), keyed by a hash of its source,
-flags and jaxlib version, then loaded with ctypes and registered as an XLA FFI
-target for CPU. ``dot="auto"`` (the default) uses it only when this process can:
-Linux x86-64 with the ``amx_bf16`` and ``amx_tile`` CPU flags, a compiler that
-builds it, the kernel granting AMX state, and CPU devices; otherwise float32,
-with one log line saying why. GPU and TPU meshes always use XLA's dot.
+The kernel (``native/amx_dot.cc``) is compiled on first use and registered as an XLA
+FFI target for CPU (``deeper_jax.native``). ``dot="auto"`` (the default) uses it only
+when this process can: Linux x86-64 with the ``amx_bf16`` and ``amx_tile`` CPU flags, a
+compiler that builds it, the kernel granting AMX state, and CPU devices; otherwise
+float32, with one log line saying why. GPU and TPU meshes always use XLA's dot.
 """
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
-import os
-import pathlib
-import platform
-import subprocess
-import tempfile
 
 import jax
 import jax.numpy as jnp
-import jaxlib
 from absl import logging
+
+from deeper_jax import native
 
 DOTS = ("auto", "float32", "bf16x3")
 TARGET = "deeper_jax_amx_dot"
-SOURCE = pathlib.Path(__file__).with_name("amx_dot.cc")
-FLAGS = ("-O3", "-march=sapphirerapids", "-std=c++17", "-fPIC", "-shared", "-w")
 
 
 def relative_error(dot: str, d: int) -> float:
@@ -61,63 +51,9 @@ def check_dot(dot: str) -> None:
     raise ValueError(f"dot must be one of {DOTS}, got {dot!r}.")
 
 
-def _cpu_flags() -> set[str]:
-  try:
-    text = pathlib.Path("/proc/cpuinfo").read_text()
-  except OSError:
-    return set()
-  for line in text.splitlines():
-    if line.startswith("flags"):
-      return set(line.split(":", 1)[1].split())
-  return set()
-
-
-def _cache_dir() -> pathlib.Path:
-  root = os.environ.get("DEEPER_JAX_CACHE") or os.path.join(
-      os.path.expanduser("~"), ".cache", "deeper_jax")
-  return pathlib.Path(root)
-
-
-def _build() -> pathlib.Path:
-  """Compiles the kernel once per (source, flags, jaxlib); atomic, so concurrent
-  processes (pytest workers) never load a half-written library."""
-  key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()
-                       + jaxlib.__version__.encode()).hexdigest()[:16]
-  out = _cache_dir() / f"amx_dot-{key}.so"
-  if out.exists():
-    return out
-  out.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-  os.close(fd)
-  try:
-    cmd = ["g++", *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-      raise RuntimeError(f"g++ failed: {proc.stderr.strip()[-500:]}")
-    os.replace(tmp, out)
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-  return out
-
-
-@functools.cache
 def unavailable_reason() -> str | None:
   """None if the AMX kernel is built, loaded and registered; else why not."""
-  if platform.system() != "Linux" or platform.machine() != "x86_64":
-    return f"needs Linux x86-64, this is {platform.system()} {platform.machine()}"
-  missing = {"amx_bf16", "amx_tile"} - _cpu_flags()
-  if missing:
-    return f"this CPU lacks {', '.join(sorted(missing))}"
-  try:
-    lib = ctypes.cdll.LoadLibrary(str(_build()))
-  except (OSError, RuntimeError) as e:
-    return f"could not build or load amx_dot.cc ({e})"
-  if lib.deeper_jax_amx_enable() != 0:
-    return "the OS refused AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)"
-  jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.deeper_jax_amx_dot),
-                              platform="cpu")
-  return None
+  return native.unavailable_reason("amx_dot", (TARGET,))
 
 
 def resolve(dot: str, devices) -> str:
@@ -143,5 +79,8 @@ def _log_fallback_once(why: str) -> None:
 
 def scores(x: jax.Array, c: jax.Array, bias: jax.Array) -> jax.Array:
   """``x @ c.T + bias[None, :]`` [rows, n] float32 via the AMX kernel (CPU only)."""
+  why = unavailable_reason()  # builds and registers the kernel on first use
+  if why:
+    raise RuntimeError(f"The AMX score kernel is not available: {why}; use dot='float32'.")
   call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], c.shape[0]), jnp.float32))
   return call(x.astype(jnp.float32), c.astype(jnp.float32), bias.astype(jnp.float32))

@@ -1,12 +1,18 @@
 """A 2-D convolution with a switchable implementation (``model.conv_impl``).
 
+* ``amx``: forward, input gradient and kernel gradient as AMX kernels (``amx_conv.py``;
+  float32 operands split into bf16 hi + lo, relative error ~1e-5 of float32's result).
+  Stride-1 convs with ≥ ``MIN_CHANNELS_FOR_ROWS`` input channels; others (an RGB or
+  Sobel first layer, AlexNet's stride-4 conv1) go the ``hybrid`` way. 1.7–2.4× faster
+  than oneDNN's float32 per VGG layer on this project's 2-core Sapphire Rapids
+  (benchmarks/README.md, "train step"). The CPU default where the CPU has AMX.
 * ``xla``: ``lax.conv_general_dilated`` for everything. The fast path on GPU/TPU.
 * ``hybrid``: XLA's conv for the forward pass and the input gradient, but the kernel
   gradient as one GEMM (``kernel_grad_by_gemm``); images of ≤ ``SMALL_IMAGE`` pixels go
   the ``patches`` way. On CPU, XLA's forward and input-gradient convs ran 1.3–1.4×
   slower than PyTorch's oneDNN ones, its kernel gradient (lowered as a convolution with
   an H×W window) 1.5–7× slower; the GEMM form narrows the latter most
-  (benchmarks/README.md, "train step"). The CPU default.
+  (benchmarks/README.md, "train step"). The CPU default without AMX.
 * ``patches``: im2col (k² shifted copies concatenated along channels) × kernel matrix,
   differentiated by XLA. On its own slower at VGG's sizes (the copies cost more than the
   GEMM saves); ``hybrid`` uses it for tiny images only.
@@ -21,21 +27,43 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 from flax import linen as nn
 
-CONV_IMPLS = ("auto", "xla", "patches", "hybrid")
+from deeper_jax.models import amx_conv
+
+CONV_IMPLS = ("auto", "xla", "patches", "hybrid", "amx")
 
 
 def resolve_conv_impl(conv_impl: str) -> str:
   """'auto' → the implementation measured fastest on the default backend.
 
-  'hybrid' on CPU (see benchmarks/README.md, "train step"), 'xla' elsewhere.
+  'amx' on CPUs with AMX, 'hybrid' on other CPUs (see benchmarks/README.md, "train
+  step"), 'xla' elsewhere. An explicit 'amx' where the kernels cannot run is an error
+  that says why.
   """
   if conv_impl not in CONV_IMPLS:
     raise ValueError(f"model.conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}.")
+  on_cpu = jax.default_backend() == "cpu"
+  if conv_impl == "amx":
+    why = amx_conv.unavailable_reason() if on_cpu else "the default backend is not a CPU"
+    if why:
+      raise ValueError(f"model.conv_impl='amx' is not available: {why}; use 'auto'.")
+    return conv_impl
   if conv_impl != "auto":
     return conv_impl
-  return "hybrid" if jax.default_backend() == "cpu" else "xla"
+  if not on_cpu:
+    return "xla"
+  why = amx_conv.unavailable_reason()
+  if why:
+    _log_fallback_once(why)
+    return "hybrid"
+  return "amx"
+
+
+@functools.cache
+def _log_fallback_once(why: str) -> None:
+  logging.info("Convolutions use conv_impl='hybrid' (XLA): the AMX kernels: %s.", why)
 
 
 def he_fan_out_init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32
@@ -161,9 +189,14 @@ class Conv2D(nn.Module):
     x = x.astype(self.dtype)
     kernel = kernel.astype(self.dtype)
     impl = resolve_conv_impl(self.conv_impl)
+    if impl == "amx" and not (s == 1 and x.shape[-1] >= MIN_CHANNELS_FOR_ROWS
+                              and jnp.dtype(self.dtype) == jnp.float32):
+      impl = "hybrid"
     if impl == "hybrid" and x.shape[1] * x.shape[2] <= SMALL_IMAGE:
       impl = "patches"
-    if impl == "xla":
+    if impl == "amx":
+      y = amx_conv.amx_conv(x, kernel, p)
+    elif impl == "xla":
       y = _xla_conv(x, kernel, s, p)
     elif impl == "hybrid":
       y = hybrid_conv(x, kernel, s, p)

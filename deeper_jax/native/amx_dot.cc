@@ -18,86 +18,10 @@
 // Layout: A = x' row-major [R32, K] (K = 3 * d32), B = c' packed per 16-column
 // tile and 32-deep chunk as [pairs 16][cols 16][2] (AMX's VNNI layout), so each
 // tile load is 1 KB contiguous. A 2 x 2 block of 16 x 16 float32 C tiles per step.
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
+#include "amx_common.h"
 
-#include <algorithm>
-#include <atomic>
-#include <cstdint>
-#include <cstdlib>
-#include <cstring>
-#include <functional>
-#include <memory>
-
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
-
+namespace deeper_jax {
 namespace {
-
-constexpr int kArchReqXcompPerm = 0x1023;
-constexpr int kXFeatureXtileData = 18;
-
-struct alignas(64) TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
-void LoadTileConfig() {
-  TileConfig cfg;
-  std::memset(&cfg, 0, sizeof(cfg));
-  cfg.palette_id = 1;
-  for (int t = 0; t < 8; ++t) {  // all tiles: 16 rows x 64 bytes
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  _tile_loadconfig(&cfg);
-}
-
-// float32 -> (hi, lo) bf16 bits, round to nearest even; lo carries v - hi, which is
-// exact in float32 because v and hi share their leading bits. Inputs are finite
-// (checked upstream). Written on integers so the compiler vectorises it.
-void SplitRow(const float* v, int64_t n, uint16_t* hi, uint16_t* lo) {
-  for (int64_t j = 0; j < n; ++j) {
-    uint32_t bits;
-    std::memcpy(&bits, v + j, 4);
-    const uint32_t h = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000u;
-    float hf;
-    std::memcpy(&hf, &h, 4);
-    const float rest = v[j] - hf;
-    uint32_t rb;
-    std::memcpy(&rb, &rest, 4);
-    hi[j] = static_cast<uint16_t>(h >> 16);
-    lo[j] = static_cast<uint16_t>((rb + 0x7FFF + ((rb >> 16) & 1)) >> 16);
-  }
-}
-
-// Buffers for tile loads must be 64-byte aligned: a tile row straddling two cache
-// lines makes loads ~7x slower (measured).
-struct AlignedFree {
-  void operator()(void* p) const { std::free(p); }
-};
-using Bf16Buffer = std::unique_ptr<uint16_t[], AlignedFree>;
-Bf16Buffer AllocBf16(int64_t count) {
-  const size_t bytes = (static_cast<size_t>(count) * 2 + 63) / 64 * 64;
-  return Bf16Buffer(static_cast<uint16_t*>(std::aligned_alloc(64, bytes)));
-}
-
-// Per-thread scratch buffers, kept between calls (a fresh allocation per panel
-// costs page faults): slot 0 packing lines, 1 the A panel, 2 the accumulators.
-uint16_t* Scratch(int slot, int64_t count) {
-  thread_local Bf16Buffer buffers[3];
-  thread_local int64_t sizes[3] = {0, 0, 0};
-  if (sizes[slot] < count) {
-    buffers[slot] = AllocBf16(count);
-    sizes[slot] = count;
-  }
-  return buffers[slot].get();
-}
 
 struct Shape {
   int64_t rows, n, d;  // x [rows, d], c [n, d]
@@ -225,35 +149,6 @@ void StorePanel(const float* acc, const float* bias, const Shape& s, int64_t row
   }
 }
 
-// Work items handed out by an atomic counter. The caller takes items too, so it
-// never waits on a task still queued behind busy pool threads; it waits only for
-// items already running elsewhere. Late tasks find no work and return.
-struct Items {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  int64_t count = 0;
-  std::function<void(int64_t)> run;
-};
-
-void Drain(Items& items) {
-  for (;;) {
-    const int64_t i = items.next.fetch_add(1);
-    if (i >= items.count) return;
-    items.run(i);
-    items.done.fetch_add(1);
-  }
-}
-
-void ParallelFor(ffi::ThreadPool& pool, int64_t count, std::function<void(int64_t)> run) {
-  auto items = std::make_shared<Items>();
-  items->count = count;
-  items->run = std::move(run);
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), count) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([items] { Drain(*items); });
-  Drain(*items);
-  while (items->done.load() < count) _mm_pause();
-}
-
 // out = x @ c^T + bias[None, :]
 ffi::Error DotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> c,
                    ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> out) {
@@ -270,7 +165,7 @@ ffi::Error DotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   Bf16Buffer b = AllocBf16(s.n32 * s.k);
   uint16_t* bp = b.get();
   ParallelFor(pool, s.n32 / 16, [&s, cs, bp](int64_t tile) {
-    PackColumnTile(cs, s, tile * 16, bp + tile * 16 * s.k, Scratch(0, 16 * s.k));
+    PackColumnTile(cs, s, tile * 16, bp + tile * 16 * s.k, ThreadScratch(0, 16 * s.k));
   });
   // Groups of panels, but at least ~4 work items per thread to balance the load.
   const int64_t panels = (s.rows + 31) / 32;
@@ -279,10 +174,10 @@ ffi::Error DotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   ParallelFor(pool, (panels + group - 1) / group, [&s, xs, bp, bs, os, panels,
                                                     group](int64_t item) {
     const int64_t first = item * group, count = std::min(group, panels - first);
-    uint16_t* a = Scratch(1, group * 32 * s.k);
-    float* acc = reinterpret_cast<float*>(Scratch(2, group * s.n32 * 32 * 2));
+    uint16_t* a = ThreadScratch(1, group * 32 * s.k);
+    float* acc = reinterpret_cast<float*>(ThreadScratch(2, group * s.n32 * 32 * 2));
     for (int64_t i = 0; i < count; ++i) {
-      PackRowPanel(xs, s, (first + i) * 32, a + i * 32 * s.k, Scratch(0, 32 * s.k));
+      PackRowPanel(xs, s, (first + i) * 32, a + i * 32 * s.k, ThreadScratch(0, 32 * s.k));
     }
     MultiplyPanels(a, count, bp, s, acc);
     for (int64_t i = 0; i < count; ++i) {
@@ -293,15 +188,14 @@ ffi::Error DotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
 }
 
 }  // namespace
+}  // namespace deeper_jax
 
-extern "C" int deeper_jax_amx_enable() {
-  return static_cast<int>(syscall(SYS_arch_prctl, kArchReqXcompPerm, kXFeatureXtileData));
-}
+extern "C" int deeper_jax_amx_enable() { return deeper_jax::EnableAmx(); }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(deeper_jax_amx_dot, DotImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(deeper_jax_amx_dot, deeper_jax::DotImpl,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::ThreadPool>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::F32>>()
+                                  .Ret<xla::ffi::Buffer<xla::ffi::F32>>());
