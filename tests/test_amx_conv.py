@@ -205,6 +205,16 @@ def test_conv2d_routes_stride1_wide_convs_to_the_kernels(kernels):
   assert resolve_conv_impl("auto") == ("amx" if jax.default_backend() == "cpu" else "xla")
 
 
+def test_unsupported_arguments_are_refused_before_any_kernel_runs():
+  x, kernel = jnp.ones((1, 8, 8, 16)), jnp.ones((3, 3, 16, 8))
+  with pytest.raises(ValueError, match="padding 0..k-1 = 2, got 3"):
+    amx_conv.amx_conv(x, kernel, 3)
+  with pytest.raises(ValueError, match="kernel has 16 input channels, x has 4"):
+    amx_conv.amx_conv(jnp.ones((1, 8, 8, 4)), kernel, 1)
+  with pytest.raises(ValueError, match="square kernel"):
+    amx_conv.amx_conv(x, jnp.ones((3, 1, 16, 8)), 0)
+
+
 def test_auto_falls_back_to_hybrid_and_explicit_amx_explains(monkeypatch):
   monkeypatch.setattr(amx_conv, "unavailable_reason", lambda: "this CPU lacks amx_tile")
   if jax.default_backend() == "cpu":

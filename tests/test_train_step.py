@@ -15,17 +15,17 @@ import json, sys
 import jax, numpy as np
 sys.path.insert(0, '.')
 from tests.test_train_step import one_step
-out = one_step({num_rotations}, {num_super_clusters}, {per_super})
+out = one_step({num_rotations}, {num_super_clusters}, {per_super}, width={width})
 np.savez('{path}', **out)
 print(json.dumps({{'devices': jax.device_count(), 'mesh': list(out['mesh_shape'].tolist()),
                    'w_spec': str(out['w_spec'])}}))
 """
 
 
-def tiny_config(num_rotations=4, num_super_clusters=2, per_super=4, num_sub=3):
+def tiny_config(num_rotations=4, num_super_clusters=2, per_super=4, num_sub=3, width=4):
   config = ml_collections.ConfigDict({
       "seed": 0,
-      "model": {"name": "small_cnn28", "sobel": True, "width": 4, "feature_dim": 16,
+      "model": {"name": "small_cnn28", "sobel": True, "width": width, "feature_dim": 16,
                 "dropout": 0.5, "mean": (0.286,), "std": (0.353,)},
       "method": {"num_rotations": num_rotations, "num_super_clusters": num_super_clusters,
                  "num_sub_clusters": num_sub, "loss": "hierarchical"},
@@ -44,9 +44,9 @@ def real_batch(num_super, per_super, num_sub, seed=0):
           "sub_labels": rng.integers(0, num_sub, (num_super, per_super)).astype(np.int32)}
 
 
-def one_step(num_rotations, num_super_clusters, per_super, devices=None):
+def one_step(num_rotations, num_super_clusters, per_super, devices=None, width=4):
   """One step of the real step function on the given devices; numpy results."""
-  config = tiny_config(num_rotations, num_super_clusters, per_super)
+  config = tiny_config(num_rotations, num_super_clusters, per_super, width=width)
   num_super = num_rotations * num_super_clusters
   mesh = parallel.make_mesh(num_super, devices)
   model = models.build_backbone(config.model)
@@ -73,17 +73,21 @@ def one_step(num_rotations, num_super_clusters, per_super, devices=None):
           "w_spec": np.asarray(str(state.heads["W"]["kernel"].sharding.spec))}
 
 
-@pytest.mark.parametrize("num_rotations,num_super_clusters,per_super,mesh_shape", [
-    (4, 2, 4, (8, 1)),   # 8 super-classes: one per device
-    (4, 1, 4, (4, 2)),   # 4 super-classes: groups of 2 devices share one
+@pytest.mark.parametrize("num_rotations,num_super_clusters,per_super,mesh_shape,width", [
+    (4, 2, 4, (8, 1), 4),   # 8 super-classes: one per device
+    (4, 1, 4, (4, 2), 4),   # 4 super-classes: groups of 2 devices share one
+    # width 16: conv2/conv3 take >= 16 channels, so 'auto' runs them on the AMX kernels
+    # (custom_partitioning over the batch) where the CPU has AMX.
+    (4, 2, 4, (8, 1), 16),
 ])
 def test_one_and_eight_devices_give_the_same_loss_and_gradients(
-    tmp_path, with_devices, num_rotations, num_super_clusters, per_super, mesh_shape):
-  single = one_step(num_rotations, num_super_clusters, per_super, jax.devices()[:1])
+    tmp_path, with_devices, num_rotations, num_super_clusters, per_super, mesh_shape, width):
+  single = one_step(num_rotations, num_super_clusters, per_super, jax.devices()[:1],
+                    width=width)
   path = str(tmp_path / "eight.npz")
   info = with_devices(STEP_SCRIPT.format(num_rotations=num_rotations,
                                          num_super_clusters=num_super_clusters,
-                                         per_super=per_super, path=path))
+                                         per_super=per_super, path=path, width=width))
   assert info["devices"] == 8 and tuple(info["mesh"]) == mesh_shape
   assert info["w_spec"] == "P('super',)"
   eight = dict(np.load(path))

@@ -108,11 +108,25 @@ _kernel_grad.def_partition(
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def amx_conv(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
-  """``conv(x, kernel)``, stride 1, zero padding ``padding``; NHWC, HWIO, float32."""
+  """``conv(x, kernel)``, stride 1, zero padding ``padding`` (at most k - 1, so that the
+  input gradient is a convolution too); NHWC, HWIO, float32."""
+  check_args(x.shape, kernel.shape, padding)
   return _conv(x, kernel, padding, False)
 
 
+def check_args(x_shape, kernel_shape, padding: int) -> None:
+  if len(x_shape) != 4 or len(kernel_shape) != 4 or kernel_shape[0] != kernel_shape[1]:
+    raise ValueError(f"amx_conv takes x [B, H, W, C] and a square kernel [k, k, C, O], got "
+                     f"{tuple(x_shape)} and {tuple(kernel_shape)}.")
+  if kernel_shape[2] != x_shape[3]:
+    raise ValueError(f"amx_conv: the kernel has {kernel_shape[2]} input channels, x has "
+                     f"{x_shape[3]}.")
+  if not 0 <= padding <= kernel_shape[0] - 1:
+    raise ValueError(f"amx_conv supports padding 0..k-1 = {kernel_shape[0] - 1}, got {padding}.")
+
+
 def _fwd(x, kernel, padding):
+  check_args(x.shape, kernel.shape, padding)
   return _conv(x, kernel, padding, False), (x, kernel)
 
 

@@ -74,7 +74,7 @@ def build_backbone(model_config: Any) -> Backbone:
   Fields read (all but ``name`` optional): width (0 = the network's default),
   feature_dim (0 = default: 4096 for VGG/AlexNet, 256 for small nets), dropout (0.5),
   mean / std (tuples, default (0.5,)), sobel (False), folded_sobel (False; set by
-  ``fold_sobel``), conv_impl ('auto' | 'xla' | 'patches'), dtype ('float32' |
+  ``fold_sobel``), conv_impl ('auto' | 'xla' | 'patches' | 'hybrid' | 'amx'), dtype ('float32' |
   'bfloat16', the compute dtype; params stay float32), bn_axis_name (None).
   """
   get = _getter(model_config)

@@ -2,8 +2,9 @@
 
 * ``amx``: forward, input gradient and kernel gradient as AMX kernels (``amx_conv.py``;
   float32 operands split into bf16 hi + lo, relative error ~1e-5 of float32's result).
-  Stride-1 convs with ≥ ``MIN_CHANNELS_FOR_ROWS`` input channels; others (an RGB or
-  Sobel first layer, AlexNet's stride-4 conv1) go the ``hybrid`` way. 1.7–2.4× faster
+  Stride-1 float32 convs with padding < k and ≥ ``MIN_CHANNELS_FOR_ROWS`` input
+  channels; others (an RGB or Sobel first layer, AlexNet's stride-4 conv1, bf16
+  compute) go the ``hybrid`` way. 1.7–2.4× faster
   than oneDNN's float32 per VGG layer on this project's 2-core Sapphire Rapids
   (benchmarks/README.md, "train step"). The CPU default where the CPU has AMX.
 * ``xla``: ``lax.conv_general_dilated`` for everything. The fast path on GPU/TPU.
@@ -189,7 +190,7 @@ class Conv2D(nn.Module):
     x = x.astype(self.dtype)
     kernel = kernel.astype(self.dtype)
     impl = resolve_conv_impl(self.conv_impl)
-    if impl == "amx" and not (s == 1 and x.shape[-1] >= MIN_CHANNELS_FOR_ROWS
+    if impl == "amx" and not (s == 1 and p < k and x.shape[-1] >= MIN_CHANNELS_FOR_ROWS
                               and jnp.dtype(self.dtype) == jnp.float32):
       impl = "hybrid"
     if impl == "hybrid" and x.shape[1] * x.shape[2] <= SMALL_IMAGE:

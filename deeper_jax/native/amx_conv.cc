@@ -153,8 +153,13 @@ ffi::Error ConvImpl(ffi::ThreadPool tp, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
     return ffi::Error::InvalidArgument("amx_conv: kernel channels do not match x");
   }
   const Grid g(xd[0], xd[1], xd[2], cin, k, padding);
-  if (g.ho < 1 || g.wo < 1 || yd[0] != g.b || yd[1] != g.ho || yd[2] != g.wo || yd[3] != cout) {
+  if (padding < 0 || g.ho < 1 || g.wo < 1 || yd[0] != g.b || yd[1] != g.ho || yd[2] != g.wo || yd[3] != cout) {
     return ffi::Error::InvalidArgument("amx_conv: output shape does not match the conv");
+  }
+  if (g.b == 0 || cout == 0) return ffi::Error::Success();
+  if (cin == 0) {
+    std::memset(y->typed_data(), 0, g.b * g.ho * g.wo * cout * 4);
+    return ffi::Error::Success();
   }
   const int64_t c2 = 2 * g.c32, per_part = g.c32 / 32, per_tap = 3 * per_part;
   const int64_t steps = k * k * per_tap, pairs = RoundUp(cout, 32) / 32;
@@ -360,8 +365,13 @@ ffi::Error KernelGradImpl(ffi::ThreadPool tp, ffi::Buffer<ffi::F32> x, ffi::Buff
   }
   const int64_t k = kd[0], n = yd[3], taps = k * k;
   const Grid g(xd[0], xd[1], xd[2], xd[3], k, padding);
-  if (kd[2] != g.c || kd[3] != n || yd[0] != g.b || yd[1] != g.ho || yd[2] != g.wo) {
+  if (padding < 0 || g.ho < 1 || g.wo < 1 || kd[2] != g.c || kd[3] != n || yd[0] != g.b || yd[1] != g.ho || yd[2] != g.wo) {
     return ffi::Error::InvalidArgument("amx_conv_kernel_grad: shapes do not match the conv");
+  }
+  if (g.c == 0 || n == 0) return ffi::Error::Success();
+  if (g.b == 0) {
+    std::memset(dk->typed_data(), 0, taps * g.c * n * 4);
+    return ffi::Error::Success();
   }
   const int64_t chunks = CeilDiv(g.q_end, 32), passes = CeilDiv(chunks, kChunksPerPass);
   const int64_t obs = RoundUp(n, 32) / 32, cbs = g.c32 / 32;
