@@ -14,6 +14,11 @@ or many host devices) every device convolves only its own images — without it 
 would gather the batch and run the whole convolution on every device — and the
 kernel gradient is ``psum``-reduced over the batch's mesh axes. The kernels are
 deterministic: the same inputs give the same bits whatever the thread count.
+
+Not supported: ``jax.vmap`` over these calls (custom_partitioning has no batching rule;
+JAX raises "Batching rule for 'custom_partitioning' not implemented"). The backbone
+already folds leading batch dims into one, so only a vmap over the model itself (e.g.
+per-example gradients) meets this: use ``model.conv_impl='hybrid'`` there.
 """
 from __future__ import annotations
 

@@ -31,15 +31,20 @@ struct Shape {
         n32((n_ + 31) / 32 * 32) {}
 };
 
+// One row (or nullptr: zeros) -> a bf16 line of depth 3 d32 whose part `lo_part` (1 or
+// 2) holds lo and the other two hi: [hi, lo, hi] for x, [hi, hi, lo] for c.
+void SplitLine(const float* row, const Shape& s, int lo_part, uint16_t* line) {
+  std::memset(line, 0, s.k * 2);
+  if (row == nullptr) return;
+  SplitRow(row, s.d, line, line + lo_part * s.d32);
+  std::memcpy(line + (3 - lo_part) * s.d32, line, s.d * 2);
+}
+
 // 16 rows of c from col0 -> B tiles [chunk][16 pairs][16 cols][2] of depth [hi, hi, lo].
 void PackColumnTile(const float* c, const Shape& s, int64_t col0, uint16_t* tiles,
                     uint16_t* lines) {
   for (int col = 0; col < 16; ++col) {
-    uint16_t* line = lines + col * s.k;
-    std::memset(line, 0, s.k * 2);
-    if (col0 + col >= s.n) continue;
-    SplitRow(c + (col0 + col) * s.d, s.d, line, line + 2 * s.d32);
-    std::memcpy(line + s.d32, line, s.d * 2);
+    SplitLine(col0 + col < s.n ? c + (col0 + col) * s.d : nullptr, s, 2, lines + col * s.k);
   }
   // (col, depth pair) -> (pair, col): a 16 x 16 transpose of bf16 pairs per chunk.
   const uint32_t* src = reinterpret_cast<const uint32_t*>(lines);
@@ -57,11 +62,7 @@ void PackColumnTile(const float* c, const Shape& s, int64_t col0, uint16_t* tile
 void PackRowPanel(const float* x, const Shape& s, int64_t row0, uint16_t* tiles,
                   uint16_t* lines) {
   for (int r = 0; r < 32; ++r) {
-    uint16_t* line = lines + r * s.k;
-    std::memset(line, 0, s.k * 2);
-    if (row0 + r >= s.rows) continue;
-    SplitRow(x + (row0 + r) * s.d, s.d, line, line + s.d32);
-    std::memcpy(line + 2 * s.d32, line, s.d * 2);
+    SplitLine(row0 + r < s.rows ? x + (row0 + r) * s.d : nullptr, s, 1, lines + r * s.k);
   }
   for (int64_t ch = 0; ch < s.chunks; ++ch) {
     for (int r = 0; r < 32; ++r) {
