@@ -4,8 +4,8 @@ Why: XLA:CPU's float32 convolutions never reach the AMX units of Sapphire Rapids
 later Xeons; these kernels do, with each float32 operand split into bf16 hi + lo and
 hi·hi + lo·hi + hi·lo accumulated in float32. Results are within ~1e-5 (relative to
 the largest output) of float32's; per VGG-16 layer (batch 8, 2 threads) forward,
-input gradient and kernel gradient each ran 1.7–2.4× faster than PyTorch's oneDNN
-float32 (benchmarks/README.md, "train step").
+input gradient and kernel gradient each ran 1.3–2.75× faster than PyTorch's oneDNN
+float32 (benchmarks/README.md, "train step"; conv_layers_vs_torch.py).
 
 Forward, input gradient and kernel gradient are each one XLA FFI call on CPU, tied
 together by a ``custom_vjp``. Each call is wrapped in ``custom_partitioning`` so that

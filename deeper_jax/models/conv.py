@@ -4,9 +4,10 @@
   float32 operands split into bf16 hi + lo, relative error ~1e-5 of float32's result).
   Stride-1 float32 convs with padding < k and ≥ ``MIN_CHANNELS_FOR_ROWS`` input
   channels; others (an RGB or Sobel first layer, AlexNet's stride-4 conv1, bf16
-  compute) go the ``hybrid`` way. 1.7–2.4× faster
-  than oneDNN's float32 per VGG layer on this project's 2-core Sapphire Rapids
-  (benchmarks/README.md, "train step"). The CPU default where the CPU has AMX.
+  compute) go the ``hybrid`` way. 1.3–2.75× faster than oneDNN's float32 per VGG
+  layer and pass on this project's 2-core Sapphire Rapids, the whole VGG-16-BN step
+  1.36–1.56× PyTorch (benchmarks/README.md, "train step"). The CPU default where the
+  CPU has AMX.
 * ``xla``: ``lax.conv_general_dilated`` for everything. The fast path on GPU/TPU.
 * ``hybrid``: XLA's conv for the forward pass and the input gradient, but the kernel
   gradient as one GEMM (``kernel_grad_by_gemm``); images of ≤ ``SMALL_IMAGE`` pixels go
