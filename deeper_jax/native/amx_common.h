@@ -20,8 +20,6 @@
 #include <cstring>
 #include <functional>
 #include <memory>
-#include <mutex>
-#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -116,10 +114,11 @@ inline Bf16Buffer AllocBf16(int64_t count) {
   return Bf16Buffer(static_cast<uint16_t*>(std::aligned_alloc(64, bytes)));
 }
 
-// Per-thread scratch kept between calls (fresh buffers cost page faults); a slot is
-// used by one work item at a time.
+// Per-thread scratch kept between calls (fresh allocations cost a page fault per 4 KB,
+// hundreds of MB per train step). A slot is used by one work item, or by one call on
+// its calling thread, at a time; calls XLA runs side by side are on different threads.
 inline uint16_t* ThreadScratch(int slot, int64_t count) {
-  constexpr int kSlots = 8;
+  constexpr int kSlots = 10;
   thread_local Bf16Buffer buffers[kSlots];
   thread_local int64_t sizes[kSlots] = {};
   if (sizes[slot] < count) {
@@ -129,49 +128,26 @@ inline uint16_t* ThreadScratch(int slot, int64_t count) {
   return buffers[slot].get();
 }
 
-// Large scratch buffers kept between calls: a fresh allocation per call costs a page
-// fault per 4 KB (hundreds of MB per train step). Calls may run concurrently (XLA's
-// thunk executor runs independent ops side by side), so each call leases its own.
-class ScratchPool {
- public:
-  class Lease {
-   public:
-    Lease(ScratchPool* pool, Bf16Buffer buf, int64_t count)
-        : pool_(pool), buf_(std::move(buf)), count_(count) {}
-    Lease(Lease&&) = default;
-    ~Lease() {
-      if (buf_) pool_->Return(std::move(buf_), count_);
-    }
-    uint16_t* get() const { return buf_.get(); }
-
-   private:
-    ScratchPool* pool_;
-    Bf16Buffer buf_;
-    int64_t count_;
-  };
-
-  Lease Take(int64_t count) {
-    std::lock_guard<std::mutex> lock(mu_);
-    int best = -1;
-    for (int i = 0; i < static_cast<int>(free_.size()); ++i) {
-      if (free_[i].second >= count && (best < 0 || free_[i].second < free_[best].second)) best = i;
-    }
-    if (best >= 0) {
-      auto entry = std::move(free_[best]);
-      free_.erase(free_.begin() + best);
-      return Lease(this, std::move(entry.first), entry.second);
-    }
-    return Lease(this, AllocBf16(count), count);
-  }
-
- private:
-  void Return(Bf16Buffer buf, int64_t count) {
-    std::lock_guard<std::mutex> lock(mu_);
-    free_.emplace_back(std::move(buf), count);
-  }
-  std::mutex mu_;
-  std::vector<std::pair<Bf16Buffer, int64_t>> free_;
-};
+// The four 16 x 16 float32 accumulator tiles (0-3) of a 32 x 32 block, zeroed or moved
+// through `c` [4][16][16] (64-byte aligned).
+inline void ZeroAccumulators() {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+}
+inline void LoadAccumulators(const float* c) {
+  _tile_loadd(0, c, 64);
+  _tile_loadd(1, c + 256, 64);
+  _tile_loadd(2, c + 512, 64);
+  _tile_loadd(3, c + 768, 64);
+}
+inline void StoreAccumulators(float* c) {
+  _tile_stored(0, c, 64);
+  _tile_stored(1, c + 256, 64);
+  _tile_stored(2, c + 512, 64);
+  _tile_stored(3, c + 768, 64);
+}
 
 // Work items handed out by an atomic counter. The caller takes items too, so it
 // never waits on a task still queued behind busy pool threads; it waits only for

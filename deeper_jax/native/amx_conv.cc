@@ -31,6 +31,8 @@
 // Determinism: every output element is summed over the same terms in the same order
 // whatever the thread count: work items own disjoint outputs, and the kernel
 // gradient's q stripes (a function of the shape only) are added in stripe order.
+#include <vector>
+
 #include "amx_common.h"
 
 namespace deeper_jax {
@@ -72,13 +74,9 @@ __mmask16 FirstLanes(int64_t count) {
   return static_cast<__mmask16>((1u << std::clamp<int64_t>(count, 0, 16)) - 1);
 }
 
-ScratchPool& Pool() {
-  static ScratchPool* pool = new ScratchPool();
-  return *pool;
-}
-
 // Per-thread scratch slots of this file (amx_dot.cc uses 0-2).
-enum Slot { kRows = 3, kGradHi, kGradLo, kPairs, kAcc };
+// kKernel and kPartial are the calling thread's: shared by the call's work items.
+enum Slot { kRows = 3, kGradHi, kGradLo, kPairs, kAcc, kKernel, kPartial };
 
 // ---------------------------------------------------------------- forward / input grad
 
@@ -163,9 +161,8 @@ ffi::Error ConvImpl(ffi::ThreadPool tp, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
   }
   const int64_t c2 = 2 * g.c32, per_part = g.c32 / 32, per_tap = 3 * per_part;
   const int64_t steps = k * k * per_tap, pairs = RoundUp(cout, 32) / 32;
-  auto wt_lease = Pool().Take(pairs * 2 * steps * 512);
-  const uint16_t* wt = wt_lease.get();
-  PackKernel(tp, kernel.typed_data(), k, cin, cout, flip != 0, g.c32, wt_lease.get());
+  uint16_t* wt = ThreadScratch(kKernel, pairs * 2 * steps * 512);
+  PackKernel(tp, kernel.typed_data(), k, cin, cout, flip != 0, g.c32, wt);
 
   // Where each depth step reads its A tile: the tap's row shift, then hi | lo | hi.
   std::vector<int64_t> a_off(steps);
@@ -199,10 +196,7 @@ ffi::Error ConvImpl(ffi::ThreadPool tp, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
         if (!any) continue;
         const uint16_t* a0 = a + (qb - q0) * c2;
         const uint16_t* a1 = a0 + 16 * c2;
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
+        ZeroAccumulators();
         // Software-pipelined: each operand tile is reloaded right after its last use
         // (tiles are not renamed, so loads overlap the products).
         _tile_loadd(4, a0 + a_off[0], c2 * 2);
@@ -220,10 +214,7 @@ ffi::Error ConvImpl(ffi::ThreadPool tp, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
           _tile_loadd(5, a1 + a_off[next], c2 * 2);
           _tile_loadd(7, b1 + next * 512, 64);
         }
-        _tile_stored(0, acc[0], 64);
-        _tile_stored(1, acc[1], 64);
-        _tile_stored(2, acc[2], 64);
-        _tile_stored(3, acc[3], 64);
+        StoreAccumulators(&acc[0][0][0]);
         for (int t = 0; t < 4; ++t) {
           const int64_t col0 = np * 32 + (t % 2) * 16;
           const __mmask16 mask = FirstLanes(cout - col0);
@@ -382,8 +373,8 @@ ffi::Error KernelGradImpl(ffi::ThreadPool tp, ffi::Buffer<ffi::F32> x, ffi::Buff
   stripes = CeilDiv(passes, passes_per_stripe);
   const int64_t dk_size = taps * g.c * n;
   // Stripe partials (when there is more than one) are summed into dk in stripe order.
-  auto partial_lease = Pool().Take(stripes > 1 ? stripes * dk_size * 2 : 1);
-  float* partial = reinterpret_cast<float*>(partial_lease.get());
+  float* partial = reinterpret_cast<float*>(
+      ThreadScratch(kPartial, stripes > 1 ? stripes * dk_size * 2 : 1));
   float* out = dk->typed_data();
   const float* xs = x.typed_data();
   const float* dys = dy.typed_data();
@@ -415,22 +406,13 @@ ffi::Error KernelGradImpl(ffi::ThreadPool tp, ffi::Buffer<ffi::F32> x, ffi::Buff
           for (int64_t cb = 0; cb < ncb; ++cb) {
             float* c = acc + ((tap * nob + ob) * ncb + cb) * 1024;
             if (pass == pass0) {
-              _tile_zero(0);
-              _tile_zero(1);
-              _tile_zero(2);
-              _tile_zero(3);
+              ZeroAccumulators();
             } else {
-              _tile_loadd(0, c, 64);
-              _tile_loadd(1, c + 256, 64);
-              _tile_loadd(2, c + 512, 64);
-              _tile_loadd(3, c + 768, 64);
+              LoadAccumulators(c);
             }
             GradBlock(ah + ob * 1024, al + ob * 1024, a_step, xh + cb * 64, xl + cb * 64,
                       16 * width * 2, width * 4, chunk1 - chunk0);
-            _tile_stored(0, c, 64);
-            _tile_stored(1, c + 256, 64);
-            _tile_stored(2, c + 512, 64);
-            _tile_stored(3, c + 768, 64);
+            StoreAccumulators(c);
           }
         }
       }

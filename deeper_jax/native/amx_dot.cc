@@ -93,15 +93,9 @@ void MultiplyPanels(const uint16_t* a, int64_t panels, const uint16_t* b, const 
         const uint16_t* b1 = b0 + 16 * s.k;
         float* c = acc + (pi * (s.n32 / 32) + cp) * 4 * 256;
         if (kb == 0) {
-          _tile_zero(0);
-          _tile_zero(1);
-          _tile_zero(2);
-          _tile_zero(3);
+          ZeroAccumulators();
         } else {
-          _tile_loadd(0, c, 64);
-          _tile_loadd(1, c + 256, 64);
-          _tile_loadd(2, c + 512, 64);
-          _tile_loadd(3, c + 768, 64);
+          LoadAccumulators(c);
         }
         // Software-pipelined: each operand tile is reloaded right after its last
         // use in this step, so loads overlap the products (tiles are not renamed).
@@ -120,10 +114,7 @@ void MultiplyPanels(const uint16_t* a, int64_t panels, const uint16_t* b, const 
           _tile_loadd(5, ap + next * 1024 + 512, 64);
           _tile_loadd(7, b1 + next * 512, 64);
         }
-        _tile_stored(0, c, 64);
-        _tile_stored(1, c + 256, 64);
-        _tile_stored(2, c + 512, 64);
-        _tile_stored(3, c + 768, 64);
+        StoreAccumulators(c);
       }
     }
   }
