@@ -6,6 +6,6 @@
 
 
 def load_pretrained(path: str):
-  """``(module, variables)`` of an export; see :func:`deeper_jax.pretrained.load_pretrained`."""
-  from deeper_jax import pretrained  # lazy: importing the package stays cheap
-  return pretrained.load_pretrained(path)
+  """``(module, variables)`` of an export; see :func:`deeper_jax.export.load_pretrained`."""
+  from deeper_jax import export  # lazy: importing the package stays cheap
+  return export.load_pretrained(path)

@@ -24,7 +24,7 @@ import os
 import numpy as np
 from absl import logging
 
-from deeper_jax.data.errors import DatasetNotFoundError
+from deeper_jax.errors import DatasetNotFoundError
 from deeper_jax.data.sources import ArraySource, read_all
 from deeper_jax.data.tfds_source import TfdsSource, import_tfds, prepared_builder
 
@@ -182,7 +182,7 @@ def load_fashion_mnist(split: str, data_dir: str = "", *, download: bool = False
       f"Fashion-MNIST {split!r} not found: no IDX files ({', '.join(_FILES[split])}[.gz]) in "
       f"{', '.join(idx_dirs)} and {arrays} in {tfds_dir}; fix: "
       "`apt-get install dataset-fashion-mnist`, or pass --config.data.data_dir=<folder with the "
-      "IDX files>.")
+      "IDX files>, or (with a network) --config.data.download=true.")
 
 
 def _check_split_size(source: ArraySource, split: str, directory: str) -> None:

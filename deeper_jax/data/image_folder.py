@@ -35,7 +35,7 @@ from absl import logging
 from PIL import Image
 
 from deeper_jax.data import imaging
-from deeper_jax.data.errors import DatasetNotFoundError
+from deeper_jax.errors import DatasetNotFoundError
 from deeper_jax.data.sources import SubsetSource, as_indices
 
 DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",

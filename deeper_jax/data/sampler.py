@@ -13,10 +13,12 @@ every *non-empty* sub-cluster gets an equal share of the super-class's samples
 (shares differ by at most one; the sub-clusters that get one extra are drawn at
 random), and images are drawn inside their sub-cluster.
 
-Epoch length (DESIGN.md §1): each image once per rotation overall, i.e.
-``N * R`` samples split evenly over the ``S`` super-classes, rounded up to whole
-steps: ``steps = ceil(N * R / (S * b))``, ``steps * b`` samples per slice. So
-super-classes are also sampled uniformly, whatever their sizes.
+Epoch length, as the reference code: ``N`` samples overall, each image seen about
+once per epoch under one rotation (``src/utils.py``: ``epoch_size = N // m // 4``
+samples for each of the 4m training groups). The N samples are split evenly over
+the ``S`` super-classes and rounded up to whole steps:
+``steps = ceil(N / (S * b))``, ``steps * b`` samples per slice. So super-classes are
+also sampled uniformly, whatever their sizes.
 
 Inside a sub-cluster whose share ``q`` exceeds its size ``n``, the reference
 draws with replacement. We instead take every member ``q // n`` times plus a
@@ -30,7 +32,7 @@ Empty super-cluster: the reference k-means never returns one when ``N >= m``
 super-cluster, so an empty one is an upstream bug and raises ``ValueError``
 rather than being silently filled with other images.
 
-Determinism: slice ``s`` draws from ``np.random.default_rng([seed, cycle,
+Determinism: slice ``s`` draws from ``np.random.default_rng([seed, phase, cycle,
 epoch, s])``, so the plan is a pure function of its arguments (a resumed run
 replays it exactly) and slices are independent streams.
 """
@@ -43,17 +45,17 @@ import numpy as np
 
 def steps_per_epoch(num_images: int, *, num_super_clusters: int, num_rotations: int,
                     batch_per_super: int) -> int:
-  """``ceil(N * R / (S * b))`` with ``S = R * m``."""
+  """``ceil(N / (S * b))`` with ``S = R * m``: N samples per epoch."""
   num_slices = num_rotations * num_super_clusters
-  return math.ceil(num_images * num_rotations / (num_slices * batch_per_super))
+  return math.ceil(num_images / (num_slices * batch_per_super))
 
 
 def _check_args(super_labels, sub_labels, num_super_clusters, num_rotations, batch_per_super,
-                seed, cycle, epoch) -> tuple[np.ndarray, np.ndarray]:
+                seed, phase, cycle, epoch) -> tuple[np.ndarray, np.ndarray]:
   for name, value, low in (("num_super_clusters", num_super_clusters, 1),
                            ("num_rotations", num_rotations, 1),
-                           ("batch_per_super", batch_per_super, 1),
-                           ("seed", seed, 0), ("cycle", cycle, 0), ("epoch", epoch, 0)):
+                           ("batch_per_super", batch_per_super, 1), ("seed", seed, 0),
+                           ("phase", phase, 0), ("cycle", cycle, 0), ("epoch", epoch, 0)):
     if not isinstance(value, (int, np.integer)) or value < low:
       raise ValueError(f"epoch_plan: {name} must be an integer >= {low}, got {value!r}.")
   super_labels, sub_labels = np.asarray(super_labels), np.asarray(sub_labels)
@@ -100,7 +102,7 @@ def _draw_slice(rng: np.random.Generator, members: np.ndarray, group: np.ndarray
 
 def epoch_plan(super_labels: np.ndarray, sub_labels: np.ndarray, *, num_super_clusters: int,
                num_rotations: int, batch_per_super: int, seed: int, cycle: int,
-               epoch: int) -> np.ndarray:
+               epoch: int, phase: int = 0) -> np.ndarray:
   """Image indices for every step of one epoch, ``int32 [steps, S, b]``.
 
   Args:
@@ -110,14 +112,15 @@ def epoch_plan(super_labels: np.ndarray, sub_labels: np.ndarray, *, num_super_cl
     num_super_clusters: ``m``.
     num_rotations: ``R`` (4, or 1 without the rotation task).
     batch_per_super: ``b``, images per super-class per step.
-    seed, cycle, epoch: the plan is a deterministic function of these.
+    seed, cycle, epoch, phase: the plan is a deterministic function of these.
 
   Returns:
     ``plan[t, s]``: the ``b`` images of super-class ``s`` (super-cluster
     ``s // R``, to be rotated by ``(s % R) * 90`` degrees) at step ``t``.
   """
   super_labels, sub_labels = _check_args(super_labels, sub_labels, num_super_clusters,
-                                         num_rotations, batch_per_super, seed, cycle, epoch)
+                                         num_rotations, batch_per_super, seed, phase, cycle,
+                                         epoch)
   num_images = super_labels.size
   steps = steps_per_epoch(num_images, num_super_clusters=num_super_clusters,
                           num_rotations=num_rotations, batch_per_super=batch_per_super)
@@ -145,7 +148,7 @@ def epoch_plan(super_labels: np.ndarray, sub_labels: np.ndarray, *, num_super_cl
     sizes = np.diff(np.r_[starts, len(members)])
     for rotation in range(num_rotations):
       s = num_rotations * cluster + rotation
-      rng = np.random.default_rng([seed, cycle, epoch, s])
+      rng = np.random.default_rng([seed, phase, cycle, epoch, s])
       drawn = _draw_slice(rng, members, group, sizes, starts, per_slice)
       plan[:, s, :] = drawn.reshape(steps, batch_per_super)
   return plan

@@ -169,11 +169,6 @@ class SubsetSource:
   def num_classes(self) -> int | None:
     return self._base.num_classes
 
-  @property
-  def base_indices(self) -> np.ndarray:
-    """Index in the base source of each image of this view."""
-    return self._indices
-
   def subset(self, indices) -> "SubsetSource":
     return SubsetSource(self._base, self._indices[as_indices(indices, len(self))])
 

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from deeper_jax.data import imaging
-from deeper_jax.data.errors import DatasetNotFoundError
+from deeper_jax.errors import DatasetNotFoundError
 from deeper_jax.data.sources import SubsetSource, as_indices
 
 _LABEL_CHUNK = 8192

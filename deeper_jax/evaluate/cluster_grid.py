@@ -1,4 +1,5 @@
-"""Pictures of clusters: random members of a few clusters, one grid each (paper Fig. 5).
+"""Evaluator ``cluster_grid``: random members of a few clusters, one grid each (paper
+Fig. 5).
 
 Looking at clusters is the quickest sanity check of a clustering run: are the
 largest clusters one visual concept or a dump of everything, and what do the
@@ -9,8 +10,11 @@ with the cluster id and its size.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
+
+from deeper_jax.evaluate import context as context_lib
 
 
 def choose_clusters(cluster_labels, *, num_random: int = 4,
@@ -97,3 +101,23 @@ def save_cluster_grids(images, cluster_labels, path: str, *, num_random: int = 4
   fig.savefig(path)
   plt.close(fig)
   return chosen
+
+
+def evaluate(ctx: context_lib.Context) -> dict:
+  """``<workdir>/eval/clusters.png`` of the final clusters (the ``clusters`` evaluator's,
+  or the final network's clustering when that evaluator did not run)."""
+  labels = ctx.cache.get("final_labels")
+  if labels is None:
+    from deeper_jax.cluster import pseudo_labels  # pylint: disable=g-import-not-at-top
+    if not pseudo_labels.needs_clustering(ctx.config.method):
+      return {"skipped": "this method learns no clusters; run the 'clusters' evaluator first"}
+    clusters, _ = context_lib.final_clusters(ctx)
+    labels = pseudo_labels.flat_labels(clusters["super_labels"], clusters["sub_labels"],
+                                       ctx.config.method.num_sub_clusters)
+  path = os.path.join(ctx.out_dir, "clusters.png")
+  if not ctx.writes:
+    return {"path": path}
+  chosen = save_cluster_grids(ctx.datasets.train, labels, path,
+                              num_random=ctx.config.eval.grid_num_random,
+                              per_cluster=ctx.config.eval.grid_per_cluster, seed=ctx.config.seed)
+  return {"path": path, "clusters": [{"role": r, "id": c, "size": n} for r, c, n in chosen]}

@@ -1,4 +1,5 @@
-"""Few-label fine-tuning: pretrained weights vs a random init (paper Table 2, scaled down).
+"""Evaluator ``finetune``: few-label fine-tuning, pretrained weights vs a random init
+(paper Table 2, scaled down).
 
 The question users of self-supervised pre-training care about: with only 1%
 or 10% of the labels, does starting from the pretrained backbone beat
@@ -35,8 +36,10 @@ import optax
 from absl import logging
 from flax.core import unfreeze
 
-from deeper_jax.evaluate.features import image_shape, map_batches, output_shapes
-from deeper_jax.progress import Progress
+from deeper_jax import augment
+from deeper_jax.evaluate import context as context_lib
+from deeper_jax.extract.features import layer_shapes, map_batches
+from deeper_jax.runtime import logs
 
 HEAD_INIT_STD = 0.01  # the reference heads' N(0, 0.01) init
 HEAD_BN_MOMENTUM = 0.9
@@ -71,11 +74,11 @@ def class_balanced_subset(labels, fraction: float, *, seed: int = 0,
   return np.sort(np.concatenate(picked)) if picked else np.zeros((0,), np.int64)
 
 
-def default_init_fn(module, shape_hwc: Sequence[int]) -> Callable[[jax.Array], Any]:
-  """``init_fn(key) -> variables`` of a fresh backbone for images of ``shape_hwc``."""
+def default_init_fn(module, image_size: int, channels: int) -> Callable[[jax.Array], Any]:
+  """``init_fn(key) -> variables`` of a fresh backbone for ``image_size`` images."""
   @jax.jit  # compiled init is faster than flax's op-by-op eager init
   def init_fn(key):
-    dummy = jnp.zeros((1, *shape_hwc), jnp.float32)
+    dummy = jnp.zeros((1, image_size, image_size, channels), jnp.float32)
     return module.init({"params": key, "dropout": key}, dummy, train=False)
   return init_fn
 
@@ -115,7 +118,8 @@ def head_logits(head: dict, features: jax.Array, *, train: bool,
 
 
 @functools.lru_cache(maxsize=8)
-def _train_step(module, steps: int, lr: float, momentum: float, weight_decay: float):
+def _train_step(module, image_size: int, steps: int, lr: float, momentum: float,
+                weight_decay: float):
   """Jitted ``(params, state, opt_state, images, labels, key) -> (..., loss)``.
 
   ``params = {'backbone', 'head': {w, b}}``; ``state = {'backbone': its
@@ -127,7 +131,7 @@ def _train_step(module, steps: int, lr: float, momentum: float, weight_decay: fl
                              weight_decay=weight_decay)
 
   def loss_fn(params, state, images, labels, key):
-    x = images.astype(jnp.float32) / 255.0
+    x = augment.center_crop(images, image_size).astype(jnp.float32) / 255.0
     collections = state["backbone"]
     variables = {"params": params["backbone"], **collections}
     if collections:
@@ -152,16 +156,16 @@ def _train_step(module, steps: int, lr: float, momentum: float, weight_decay: fl
 
 
 @functools.lru_cache(maxsize=8)
-def _eval_logits(module):
+def _eval_logits(module, image_size: int):
   @jax.jit
   def logits(variables, head, images):
-    features, _ = module.apply(variables, images.astype(jnp.float32) / 255.0,
-                               train=False)
+    x = augment.center_crop(images, image_size).astype(jnp.float32) / 255.0
+    features, _ = module.apply(variables, x, train=False)
     return head_logits(head, features, train=False)[0]
   return logits
 
 
-def train_classifier(module, variables, source, indices, *, steps: int,
+def train_classifier(module, variables, source, indices, *, image_size: int, steps: int,
                      batch_size: int = 64, lr: float = 0.1, momentum: float = 0.9,
                      weight_decay: float = 5e-4, seed: int = 0,
                      num_classes: int | None = None,
@@ -186,7 +190,7 @@ def train_classifier(module, variables, source, indices, *, steps: int,
   params, state = _split(variables)
   key = jax.random.key(seed)
   head_key, key = jax.random.split(key)
-  dim, _ = output_shapes(module, variables, image_shape(source))
+  dim = layer_shapes(module, variables, image_size, source.image_shape[-1])[0]
   params = {"backbone": params, "head": {
       "w": HEAD_INIT_STD * jax.random.normal(head_key, (dim, num_classes)),
       "b": jnp.zeros((num_classes,))}}
@@ -196,11 +200,12 @@ def train_classifier(module, variables, source, indices, *, steps: int,
   params, state = jax.tree.map(jnp.array, (params, state))
   opt_state = make_optimizer(steps=steps, lr=lr, momentum=momentum,
                              weight_decay=weight_decay).init(params)
-  step = _train_step(module, steps, float(lr), float(momentum), float(weight_decay))
+  step = _train_step(module, image_size, steps, float(lr), float(momentum),
+                     float(weight_decay))
 
   rng = np.random.default_rng(seed)
   order, position = rng.permutation(indices), 0
-  meter = Progress(f"{name} (steps)", steps)
+  report = logs.progress(f"{name}: {steps} steps", steps)
   previous_loss = None
   for i in range(steps):
     if position + batch_size > order.size:
@@ -216,13 +221,14 @@ def train_classifier(module, variables, source, indices, *, steps: int,
     if previous_loss is not None:
       previous_loss.block_until_ready()
     previous_loss = loss
-    meter.update(i + 1)
+    report(i + 1)
   logging.info("%s: final batch loss %.4f", name, float(loss))
   return ({"params": params["backbone"], **state["backbone"]},
           {**params["head"], **state["head"]})
 
 
-def classifier_accuracy(module, variables, head, source, *, batch_size: int = 512,
+def classifier_accuracy(module, variables, head, source, *, image_size: int,
+                        batch_size: int = 512,
                         indices: np.ndarray | None = None) -> float:
   """Top-1 of backbone + head (eval mode) on ``source`` (or ``source[indices]``)."""
   if source.labels is None:
@@ -230,7 +236,7 @@ def classifier_accuracy(module, variables, head, source, *, batch_size: int = 51
   indices = np.arange(len(source)) if indices is None else np.asarray(indices)
   batch_size = min(batch_size, max(indices.size, 1))
   num_classes = head["b"].shape[0]
-  logits = _eval_logits(module)
+  logits = _eval_logits(module, image_size)
   out = map_batches(lambda images: {"logits": logits(variables, head, images)},
                     source, indices, batch_size=batch_size,
                     out_dims={"logits": num_classes}, name="finetune eval")
@@ -238,7 +244,7 @@ def classifier_accuracy(module, variables, head, source, *, batch_size: int = 51
   return float((pred == np.asarray(source.labels)[indices]).mean())
 
 
-def finetune_few_labels(module, variables, train_source, test_source, *,
+def finetune_few_labels(module, variables, train_source, test_source, *, image_size: int,
                         init_fn: Callable[[jax.Array], Any] | None = None,
                         fractions: Sequence[float] = (0.01, 0.1), steps: int = 300,
                         batch_size: int = 64, lr: float = 0.1, momentum: float = 0.9,
@@ -252,7 +258,7 @@ def finetune_few_labels(module, variables, train_source, test_source, *,
   module's own init, seeded by ``seed``). Each fraction uses the same
   class-balanced subset of ``train_source`` for both runs.
   """
-  init_fn = init_fn or default_init_fn(module, image_shape(train_source))
+  init_fn = init_fn or default_init_fn(module, image_size, train_source.image_shape[-1])
   scratch_variables = init_fn(jax.random.key(seed + 1))
   num_classes = train_source.num_classes or int(np.max(train_source.labels)) + 1
   results: dict[str, dict[str, float]] = {}
@@ -264,10 +270,27 @@ def finetune_few_labels(module, variables, train_source, test_source, *,
     starts: Mapping[str, Any] = {"pretrained": variables, "scratch": scratch_variables}
     for start_name, start in starts.items():
       trained, head = train_classifier(
-          module, start, train_source, subset, steps=steps, batch_size=batch_size,
+          module, start, train_source, subset, image_size=image_size, steps=steps,
+          batch_size=batch_size,
           lr=lr, momentum=momentum, weight_decay=weight_decay, seed=seed,
           num_classes=num_classes, name=f"finetune {label} {start_name}")
       results[label][start_name] = classifier_accuracy(
-          module, trained, head, test_source, batch_size=eval_batch_size,
+          module, trained, head, test_source, image_size=image_size, batch_size=eval_batch_size,
           indices=test_indices)
   return results
+
+
+def evaluate(ctx: context_lib.Context) -> dict:
+  """``{'1%': {'pretrained', 'scratch'}, ...}`` top-1 on the test split."""
+  if not ctx.labelled():
+    return {"skipped": context_lib.NEEDS_LABELS}
+  cfg, seed = ctx.config.eval, ctx.config.seed
+  test_idx = context_lib.sample_indices(len(ctx.datasets.test), cfg.finetune_max_test_images,
+                                        seed + 2)
+  top1 = finetune_few_labels(
+      ctx.model, ctx.variables, ctx.datasets.labelled_train, ctx.datasets.test,
+      image_size=ctx.config.data.image_size, fractions=tuple(cfg.finetune_fractions),
+      steps=cfg.finetune_steps, batch_size=cfg.finetune_batch_size, lr=cfg.finetune_lr,
+      momentum=cfg.finetune_momentum, weight_decay=cfg.finetune_weight_decay, seed=seed,
+      eval_batch_size=cfg.batch_size, test_indices=test_idx)
+  return {"top1": top1, "steps": int(cfg.finetune_steps), "test_images": int(test_idx.size)}

@@ -1,4 +1,4 @@
-"""k-nearest-neighbour classification on frozen features (cosine similarity).
+"""Evaluator ``knn``: k-nearest-neighbour classification on frozen features (cosine).
 
 A probe with no training and no hyper-parameter search, used beside the
 linear probe (DESIGN §4). Rows are L2-normalised so the dot product is the
@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deeper_jax import parallel
-from deeper_jax.progress import Progress
+from deeper_jax.evaluate import context as context_lib
+from deeper_jax.extract import features as features_lib
+from deeper_jax.runtime import mesh as mesh_lib
 
 WEIGHTINGS = ("exp", "majority")
 
@@ -65,11 +66,9 @@ def knn_predict(train_x, train_y, test_x, *, k: int = 20,
     return jnp.argmax(jnp.einsum("qk,qkc->qc", weights, onehot), axis=-1)
 
   preds = []
-  meter = Progress("knn (queries)", test_x.shape[0])
   for start in range(0, test_x.shape[0], chunk_size):
-    chunk, count = parallel.pad_rows(test_x[start:start + chunk_size], chunk_size)
+    chunk, count = mesh_lib.pad_rows(test_x[start:start + chunk_size], chunk_size)
     preds.append(np.asarray(vote(bank, bank_labels, chunk))[:count])
-    meter.update(start + count)
   return np.concatenate(preds) if preds else np.zeros((0,), np.int32)
 
 
@@ -81,3 +80,26 @@ def knn_accuracy(train_x, train_y, test_x, test_y, **kwargs) -> float:
                      f"{test_y.shape} for {np.asarray(test_x).shape[0]} rows.")
   preds = knn_predict(train_x, train_y, test_x, **kwargs)
   return float((preds == test_y).mean()) if len(preds) else 0.0
+
+
+def evaluate(ctx: context_lib.Context) -> dict:
+  """Top-1 of the kNN vote on ``eval.knn_layer``, the probe's train/test subsets."""
+  cfg, seed = ctx.config.eval, ctx.config.seed
+  if not ctx.labelled():
+    return {"skipped": context_lib.NEEDS_LABELS}
+  data = ctx.datasets
+  train_idx = context_lib.sample_indices(len(data.labelled_train), cfg.probe_max_train_images,
+                                         seed)
+  test_idx = context_lib.sample_indices(len(data.test), cfg.probe_max_test_images, seed + 1)
+  layers = "" if cfg.knn_layer == features_lib.FEATURES else cfg.knn_layer
+  extract = lambda source, idx: features_lib.extract_features(
+      ctx.model, ctx.variables, source, image_size=ctx.config.data.image_size,
+      batch_size=cfg.batch_size, layers=layers, indices=idx, max_dim=cfg.max_pool_dim,
+      mesh=ctx.mesh, name="knn features")[cfg.knn_layer]
+  top1 = knn_accuracy(extract(data.labelled_train, train_idx),
+                      np.asarray(data.labelled_train.labels)[train_idx],
+                      extract(data.test, test_idx), np.asarray(data.test.labels)[test_idx],
+                      k=cfg.knn_k, temperature=cfg.knn_temperature,
+                      weighting=cfg.knn_weighting, num_classes=context_lib.num_classes(ctx))
+  return {"layer": cfg.knn_layer, "k": int(cfg.knn_k), "weighting": cfg.knn_weighting,
+          "top1": top1, "train_images": int(train_idx.size), "test_images": int(test_idx.size)}

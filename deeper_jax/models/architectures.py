@@ -11,7 +11,6 @@ from typing import Any, Callable
 import jax.numpy as jnp
 
 from deeper_jax.models.backbone import Backbone, ConvSpec, Stage
-from deeper_jax.models.conv import CONV_IMPLS
 
 # VGG config "D" (Simonyan & Zisserman), as in the DeeperCluster reference: 13 convs.
 VGG16_STAGES = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
@@ -57,49 +56,27 @@ ARCHITECTURES: dict[str, tuple[Callable[[int], tuple[Stage, ...]], int, int]] = 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def _getter(config: Any) -> Callable[[str, Any], Any]:
-  """Field reader for a ConfigDict, a dict or any object; missing or None → default."""
-  def get(name: str, default: Any) -> Any:
-    if hasattr(config, "get"):
-      value = config.get(name, default)
-    else:
-      value = getattr(config, name, default)
-    return default if value is None else value
-  return get
-
-
 def build_backbone(model_config: Any) -> Backbone:
-  """The backbone named by ``model_config.name``.
+  """The backbone that ``config.model`` describes (every field as configs/default.py).
 
-  Fields read (all but ``name`` optional): width (0 = the network's default),
-  feature_dim (0 = default: 4096 for VGG/AlexNet, 256 for small nets), dropout (0.5),
-  mean / std (tuples, default (0.5,)), sobel (False), folded_sobel (False; set by
-  ``fold_sobel``), conv_impl ('auto' | 'xla' | 'patches' | 'hybrid' | 'amx'), dtype ('float32' |
-  'bfloat16', the compute dtype; params stay float32), bn_axis_name (None).
+  ``width`` / ``feature_dim`` of 0 mean the network's own (VGG-16: 64 / 4096).
+  ``folded_sobel`` is set by export (sobel.fold_sobel), never by hand. Values are
+  checked by config_checks before a run; here only what would build a wrong network.
   """
-  get = _getter(model_config)
-  name = get("name", None)
+  name = model_config.name
   if name not in ARCHITECTURES:
     raise ValueError(f"model.name must be one of {sorted(ARCHITECTURES)}, got {name!r}.")
+  if model_config.dtype not in DTYPES:
+    raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {model_config.dtype!r}.")
   stages_fn, default_width, default_dim = ARCHITECTURES[name]
-  conv_impl = get("conv_impl", "auto")
-  if conv_impl not in CONV_IMPLS:
-    raise ValueError(f"model.conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}.")
-  dtype = get("dtype", "float32")
-  if dtype not in DTYPES:
-    raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
-  dropout = float(get("dropout", 0.5))
-  if not 0.0 <= dropout < 1.0:
-    raise ValueError(f"model.dropout must be in [0, 1), got {dropout}.")
   return Backbone(
-      stages=stages_fn(int(get("width", 0)) or default_width),
-      feature_dim=int(get("feature_dim", 0)) or default_dim,
-      dropout=dropout,
-      mean=tuple(float(v) for v in get("mean", (0.5,))),
-      std=tuple(float(v) for v in get("std", (0.5,))),
-      sobel=bool(get("sobel", False)),
-      folded_sobel=bool(get("folded_sobel", False)),
-      conv_impl=conv_impl,
-      dtype=DTYPES[dtype],
-      bn_axis_name=get("bn_axis_name", None),
+      stages=stages_fn(int(model_config.width) or default_width),
+      feature_dim=int(model_config.feature_dim) or default_dim,
+      dropout=float(model_config.dropout),
+      mean=tuple(float(v) for v in model_config.mean),
+      std=tuple(float(v) for v in model_config.std),
+      sobel=bool(model_config.sobel),
+      folded_sobel=bool(model_config.folded_sobel),
+      fc_init=model_config.fc_init,
+      dtype=DTYPES[model_config.dtype],
   )

@@ -17,10 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from deeper_jax.models.conv import Conv2D
+from deeper_jax.models import initializers
 from deeper_jax.models.sobel import sobel
-# Reference init of the fully connected layers (DeepCluster's VGG/AlexNet): N(0, 0.01).
-DENSE_INIT = nn.initializers.normal(stddev=0.01)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,18 +54,23 @@ def max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
 
 
 class ConvBNReLU(nn.Module):
+  """One conv layer as the reference builds it: conv (bias) → BatchNorm → ReLU.
+
+  Its output, before any max-pool, is what the paper's linear probes read
+  (``capture_intermediates`` on this module; evaluate/probe_paper.py).
+  """
   spec: ConvSpec
-  conv_impl: str = "auto"
   dtype: Any = jnp.float32
-  bn_axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     s = self.spec
-    x = Conv2D(s.features, s.kernel, s.stride, s.padding, conv_impl=self.conv_impl,
-               dtype=self.dtype, name="conv")(x)
+    x = nn.Conv(s.features, (s.kernel, s.kernel), strides=(s.stride, s.stride),
+                padding=((s.padding, s.padding), (s.padding, s.padding)),
+                kernel_init=initializers.conv_kernel_init, dtype=self.dtype, name="conv")(x)
+    # PyTorch's BatchNorm2d defaults (momentum 0.1 there is 0.9 here).
     x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                     dtype=self.dtype, axis_name=self.bn_axis_name, name="bn")(x)
+                     dtype=self.dtype, name="bn")(x)
     return nn.relu(x)
 
 
@@ -77,8 +80,8 @@ class Backbone(nn.Module):
   images: float in [0, 1], shape [..., H, W, C] (any leading batch dims).
   features: [..., feature_dim] float32, fc7 before any ReLU.
   blocks: {'conv1': [..., h, w, c], ...} in stage order.
-  ``bn_axis_name``: set when called inside shard_map so BatchNorm statistics are taken
-  over the global batch (under plain jit with sharded inputs they already are).
+  BatchNorm statistics are over the whole batch: under ``jit`` with a batch sharded
+  over devices, a mean over the batch axis is a global mean.
   """
   stages: tuple[Stage, ...]
   feature_dim: int
@@ -87,9 +90,8 @@ class Backbone(nn.Module):
   std: tuple[float, ...] = (0.5,)
   sobel: bool = False
   folded_sobel: bool = False
-  conv_impl: str = "auto"
+  fc_init: str = "torch"
   dtype: Any = jnp.float32
-  bn_axis_name: str | None = None
 
   def normalise(self, x: jax.Array) -> jax.Array:
     c = x.shape[-1]
@@ -126,16 +128,19 @@ class Backbone(nn.Module):
       for j, spec in enumerate(stage.convs, start=1):
         if (i, j) == (1, 1):
           spec = self.first_conv(spec)
-        x = ConvBNReLU(spec, self.conv_impl, self.dtype, self.bn_axis_name,
-                       name=f"conv{i}_{j}")(x, train)
+        x = ConvBNReLU(spec, self.dtype, name=f"conv{i}_{j}")(x, train)
       if stage.pool is not None:
         x = max_pool(x, *stage.pool)
       blocks[f"conv{i}"] = x
     x = x.reshape(x.shape[0], -1)
-    x = nn.Dense(self.feature_dim, dtype=self.dtype, kernel_init=DENSE_INIT, name="fc6")(x)
+    kernel_init, bias_init = initializers.linear_init(self.fc_init, x.shape[-1])
+    x = nn.Dense(self.feature_dim, dtype=self.dtype, kernel_init=kernel_init,
+                 bias_init=bias_init, name="fc6")(x)
     x = nn.relu(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    x = nn.Dense(self.feature_dim, dtype=self.dtype, kernel_init=DENSE_INIT, name="fc7")(x)
+    kernel_init, bias_init = initializers.linear_init(self.fc_init, self.feature_dim)
+    x = nn.Dense(self.feature_dim, dtype=self.dtype, kernel_init=kernel_init,
+                 bias_init=bias_init, name="fc7")(x)
     features = x.astype(jnp.float32).reshape(lead + (self.feature_dim,))
     blocks = {k: v.reshape(lead + v.shape[1:]) for k, v in blocks.items()}
     return features, blocks

@@ -79,17 +79,6 @@ def fold_kernel(conv1_kernel: np.ndarray, in_channels: int) -> np.ndarray:
   return kernel.astype(np.asarray(conv1_kernel).dtype)
 
 
-def _set_field(config: Any, name: str, value: Any) -> Any:
-  if isinstance(config, Mapping) and not hasattr(config, "unlocked"):
-    config[name] = value
-  elif hasattr(config, "unlocked"):
-    with config.unlocked():
-      setattr(config, name, value)
-  else:
-    setattr(config, name, value)
-  return config
-
-
 def fold_sobel(model_config: Any, variables: Mapping[str, Any],
                in_channels: int | None = None) -> tuple[Any, dict]:
   """Returns (config, variables) of the same network without the Sobel stage.
@@ -98,14 +87,12 @@ def fold_sobel(model_config: Any, variables: Mapping[str, Any],
   (k+2)×(k+2) kernel with padding p+1 on the normalised C-channel image. Outputs equal
   the original's up to float rounding (everywhere, borders included).
   ``in_channels``: channels of the images the folded model will be fed; default
-  ``len(model.mean)`` (1 for Fashion-MNIST's ``(0.5,)``, 3 for an RGB mean).
+  ``len(model.mean)`` (1 for Fashion-MNIST's ``(0.286,)``, 3 for an RGB mean).
   """
-  get = model_config.get if hasattr(model_config, "get") else (
-      lambda n, d=None: getattr(model_config, n, d))
-  if not get("sobel", False):
+  if not model_config.sobel:
     raise ValueError("fold_sobel needs model.sobel=True; this network has no Sobel stage.")
   if in_channels is None:
-    in_channels = len(tuple(get("mean", None) or (0.5,)))
+    in_channels = len(tuple(model_config.mean))
   params = jax.tree_util.tree_map(np.asarray, dict(variables["params"]))
   first = dict(params[FIRST_CONV])
   conv = dict(first["conv"])
@@ -115,6 +102,7 @@ def fold_sobel(model_config: Any, variables: Mapping[str, Any],
   folded_variables = dict(variables)
   folded_variables["params"] = params
   folded_config = copy.deepcopy(model_config)
-  _set_field(folded_config, "sobel", False)
-  _set_field(folded_config, "folded_sobel", True)
+  with folded_config.unlocked():
+    folded_config.sobel = False
+    folded_config.folded_sobel = True
   return folded_config, folded_variables

@@ -1,0 +1,86 @@
+"""Steps 1–5 of a cycle: extract → reduce → cluster → the pseudo-labels the heads learn.
+
+Kept apart from the train loop so notebooks can call it on any backbone, and so the
+loop reads as the paper's algorithm. Everything returned is numpy, ready to be
+checkpointed: a run killed after the clustering resumes without redoing it.
+"""
+from __future__ import annotations
+
+import numpy as np
+from absl import logging
+from sklearn.metrics import normalized_mutual_info_score
+
+from deeper_jax.cluster import hierarchical
+from deeper_jax.extract import features as features_lib
+from deeper_jax.reduce import pca as pca_lib
+
+
+def needs_clustering(method_config) -> bool:
+  """False for RotNet (one super-cluster of one sub-cluster): nothing to cluster."""
+  return method_config.num_super_clusters * method_config.num_sub_clusters > 1
+
+
+def cluster_seed(seed: int, cycle: int) -> int:
+  return int(np.random.SeedSequence([seed, cycle, 1]).generate_state(1)[0] >> 1)
+
+
+def flat_labels(super_labels: np.ndarray, sub_labels: np.ndarray, num_sub: int) -> np.ndarray:
+  """One id per (super-cluster, sub-cluster) pair: ``super * k_sub + sub``."""
+  return np.asarray(super_labels, np.int64) * num_sub + np.asarray(sub_labels, np.int64)
+
+
+def size_stats(labels: np.ndarray, num_clusters: int) -> dict:
+  sizes = np.bincount(labels, minlength=num_clusters)
+  nonempty = sizes[sizes > 0]
+  return {"cluster_size_min": float(nonempty.min()), "cluster_size_max": float(nonempty.max()),
+          "cluster_size_cv": float(nonempty.std() / nonempty.mean()),
+          "empty_clusters": float((sizes == 0).sum())}
+
+
+def cluster_backbone(model, variables, source, config, *, cycle: int, mesh,
+                     previous: dict | None = None) -> tuple[dict, dict]:
+  """Clusters ``source`` with the current backbone. Returns (clusters, metrics).
+
+  ``clusters``: ``super_labels`` and ``sub_labels`` ``[N]`` (sub ids local to the
+  super-cluster) plus the PCA that produced them. ``metrics``: k-means objectives,
+  cluster sizes, NMI with the previous cycle's clusters (stability) and, when the
+  source has labels (for evaluation only), NMI with them.
+  """
+  method, cfg = config.method, config.clustering
+  n = len(source)
+  if not needs_clustering(method):
+    zeros = np.zeros((n,), np.int32)
+    return {"super_labels": zeros, "sub_labels": zeros}, {}
+
+  feats = features_lib.extract_features(
+      model, variables, source, image_size=config.data.image_size,
+      batch_size=cfg.extract_batch_size, mesh=mesh,
+      name=f"cycle {cycle}: extract features")[features_lib.FEATURES]
+  seed = cluster_seed(config.seed, cycle)
+  whitening = pca_lib.fit_pca_whitening(
+      feats, cfg.pca_dim, sample_size=min(cfg.pca_sample_size, n), seed=seed, mesh=mesh)
+  reduced = pca_lib.apply_pca_whitening(whitening, feats, chunk_size=cfg.chunk_size,
+                                        mesh=mesh)
+  result = hierarchical.hierarchical_kmeans(
+      reduced, method.num_super_clusters, method.num_sub_clusters,
+      num_iters=cfg.num_iters, seed=seed, chunk_size=cfg.chunk_size, mesh=mesh,
+      init=cfg.init)
+  clusters = {
+      "super_labels": np.asarray(result.super_labels, np.int32),
+      "sub_labels": np.asarray(result.sub_labels, np.int32),
+      "pca_mean": np.asarray(whitening.mean),
+      "pca_projection": np.asarray(whitening.projection),
+  }
+  num_sub = method.num_sub_clusters
+  labels = flat_labels(clusters["super_labels"], clusters["sub_labels"], num_sub)
+  metrics = {"kmeans_super_objective": float(result.super_objective),
+             "kmeans_sub_objective": float(result.sub_objective),
+             **size_stats(labels, method.num_super_clusters * num_sub)}
+  if previous and "super_labels" in previous:
+    metrics["nmi_previous_cycle"] = float(normalized_mutual_info_score(
+        flat_labels(previous["super_labels"], previous["sub_labels"], num_sub), labels))
+  if source.labels is not None:
+    metrics["nmi_labels"] = float(normalized_mutual_info_score(source.labels, labels))
+  logging.info("cycle %d clustering: %s", cycle,
+               ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+  return clusters, metrics
