@@ -1,6 +1,6 @@
 """How deeper_jax k-means time per Lloyd iteration grows with N and with k.
 
-    python benchmarks/kmeans_scaling.py --json /tmp/kmeans_scaling.json
+    python benchmarks/kmeans_scaling.py --json benchmarks/results/kmeans_scaling_$(date +%F).json
     python benchmarks/kmeans_scaling.py --quick      # small sizes, a smoke run
 
 Two sweeps on the same kind of features as kmeans_vs_peers.py (Gaussian random
@@ -11,21 +11,23 @@ iterations + the final assignment (11 passes) and divide by 11; the best of
 ``--repeats`` runs is kept (the machine is shared). The log-log slope fitted by
 least squares is the empirical exponent: Lloyd's algorithm is O(N k d) per
 iteration, so both should be near 1 once fixed costs are amortised.
+
+deeper_jax's k-means (``deeper_jax.cluster.kmeans``: pruned Lloyd, XLA float32 dot
+scores) runs on XLA:CPU unless ``JAX_PLATFORMS`` is set, like kmeans_vs_peers.py.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
 import time
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before anything imports jax
 
+# deeper_jax comes from the installed package (pip install -e .); kmeans_vs_peers from
+# this script's folder, which python puts first on the path.
 from kmeans_vs_peers import ITERS, initial_centroids, make_features  # noqa: E402
 
 FULL = {"n_values": (25_000, 50_000, 100_000, 200_000, 400_000), "k_values": (100, 1000, 10_000),
@@ -35,7 +37,7 @@ QUICK = {"n_values": (5_000, 10_000, 20_000, 40_000), "k_values": (10, 100, 1000
 
 
 def seconds_per_iter(x: np.ndarray, k: int, repeats: int) -> float:
-  from deeper_jax.clustering.kmeans import kmeans
+  from deeper_jax.cluster.kmeans import kmeans
   c0 = initial_centroids(x, k)
   kmeans(x, k, num_iters=1, init_centroids=c0)  # compile
   best = float("inf")
@@ -56,6 +58,7 @@ def main() -> None:
   parser.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
   parser.add_argument("--repeats", type=int, default=2)
   args = parser.parse_args()
+  import jax
   cfg = QUICK if args.quick else FULL
   d = cfg["d"]
   features = make_features(max(max(cfg["n_values"]), cfg["fixed_n"]), d)
@@ -75,7 +78,8 @@ def main() -> None:
       "by_n": by_n, "by_k": by_k,
       "exponent_n": exponent([r["N"] for r in by_n], [r["sec_per_iter"] for r in by_n]),
       "exponent_k": exponent([r["k"] for r in by_k], [r["sec_per_iter"] for r in by_k]),
-      "quick": args.quick, "cpus": os.cpu_count(),
+      "quick": args.quick, "cpus": os.cpu_count(), "backend": jax.default_backend(),
+      "jax": jax.__version__, "deeper_jax": "deeper_jax.cluster.kmeans, XLA float32 dot scores",
   }
   print(f"time ~ N^{result['exponent_n']:.2f} (k={cfg['fixed_k']}), "
         f"time ~ k^{result['exponent_k']:.2f} (N={cfg['fixed_n']})")

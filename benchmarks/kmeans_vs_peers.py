@@ -1,9 +1,12 @@
 """k-means: deeper_jax vs faiss-cpu vs scikit-learn, same features, same initial centroids.
 
-    python benchmarks/kmeans_vs_peers.py --json /tmp/kmeans_peers.json
+    python benchmarks/kmeans_vs_peers.py --json benchmarks/results/kmeans_vs_peers_$(date +%F).json
     python benchmarks/kmeans_vs_peers.py --quick            # small cases, a smoke run
 
 Method (see benchmarks/README.md, "k-means"):
+* deeper_jax: ``deeper_jax.cluster.kmeans.kmeans`` as the pipeline calls it (pruned
+  Lloyd, scores as XLA float32 dots), on XLA:CPU (``JAX_PLATFORMS=cpu`` unless set),
+  since both peers are CPU libraries.
 * Features: real Fashion-MNIST pixels (70k train+test images; beyond 70k rows, copies
   shifted by a random -2..2 pixels in x and y), scaled to [0,1], centred, projected
   by a fixed Gaussian matrix to d dims, rows L2-normalised (the clustering input of
@@ -40,10 +43,10 @@ import time
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# deeper_jax: the default (dot='auto': the AMX bf16x3 kernel where the CPU has AMX);
-# deeper_jax_float32: the same with XLA's float32 dot, for comparison in the same run.
-LIBS = ("deeper_jax", "deeper_jax_float32", "faiss", "sklearn")
-OURS = ("deeper_jax", "deeper_jax_float32")
+# deeper_jax's k-means scores are XLA float32 dots: there is one variant. The peers are
+# CPU libraries, so deeper_jax runs on XLA:CPU too unless JAX_PLATFORMS says otherwise.
+LIBS = ("deeper_jax", "faiss", "sklearn")
+OURS = ("deeper_jax",)
 CASES = ((100_000, 256, 1000), (200_000, 128, 10_000))
 QUICK_CASES = ((20_000, 64, 100), (20_000, 32, 1000))
 ITERS = 10
@@ -51,7 +54,6 @@ ITERS = 10
 
 def fashion_mnist_pixels(n: int, seed: int = 0) -> np.ndarray:
   """[n, 784] float32 real Fashion-MNIST images; rows past 70k are shifted copies."""
-  sys.path.insert(0, REPO)
   from deeper_jax.data.fashion_mnist import load_fashion_mnist
   parts = [load_fashion_mnist(split) for split in ("train", "test")]
   images = np.concatenate([p.images(np.arange(len(p)))[..., 0] for p in parts])
@@ -96,19 +98,18 @@ def objective(x: np.ndarray, centroids: np.ndarray, labels: np.ndarray) -> float
 # ----------------------------------------------------------------------------- workers
 
 
-def _run_deeper_jax(x, c0, start_measure, dot="auto"):
-  sys.path.insert(0, REPO)
+def _run_deeper_jax(x, c0, start_measure):
   import jax
-  from deeper_jax.clustering import amx_dot
-  from deeper_jax.clustering.kmeans import kmeans
+  from deeper_jax.cluster.kmeans import kmeans
   t = time.perf_counter()
-  kmeans(x, len(c0), num_iters=1, init_centroids=c0, dot=dot)  # compile these shapes once
+  kmeans(x, len(c0), num_iters=1, init_centroids=c0)  # compile these shapes once
   compile_s = time.perf_counter() - t
   start_measure()
   t = time.perf_counter()
-  r = kmeans(x, len(c0), num_iters=ITERS, init_centroids=c0, dot=dot)
+  r = kmeans(x, len(c0), num_iters=ITERS, init_centroids=c0)
   return time.perf_counter() - t, r.centroids, r.assignments, {
-      "compile_s": compile_s, "dot": amx_dot.resolve(dot, jax.devices())}
+      "compile_s": compile_s, "backend": jax.default_backend(),
+      "devices": jax.device_count(), "jax": jax.__version__}
 
 
 def _run_faiss(x, c0, start_measure):
@@ -121,16 +122,17 @@ def _run_faiss(x, c0, start_measure):
   km.train(x, init_centroids=c0)
   _, labels = km.index.search(x, 1)
   return (time.perf_counter() - t, km.centroids, labels[:, 0],
-          {"threads": faiss.omp_get_max_threads()})
+          {"threads": faiss.omp_get_max_threads(), "version": faiss.__version__})
 
 
 def _run_sklearn(x, c0, start_measure):
+  import sklearn
   from sklearn.cluster import KMeans
   start_measure()
   t = time.perf_counter()
   km = KMeans(len(c0), init=c0, n_init=1, max_iter=ITERS, tol=0, algorithm="lloyd").fit(x)
   return (time.perf_counter() - t, km.cluster_centers_.astype(np.float32), km.labels_,
-          {"n_iter": int(km.n_iter_)})
+          {"n_iter": int(km.n_iter_), "version": sklearn.__version__})
 
 
 def _status_mb(field: str) -> float:
@@ -151,10 +153,9 @@ def _reset_peak() -> bool:
 
 
 def worker(lib: str, data: str, init: str, out: str) -> None:
-  runner = {"deeper_jax": _run_deeper_jax,
-            "deeper_jax_float32": lambda *a: _run_deeper_jax(*a, dot="float32"),
-            "faiss": _run_faiss, "sklearn": _run_sklearn}[lib]
+  runner = {"deeper_jax": _run_deeper_jax, "faiss": _run_faiss, "sklearn": _run_sklearn}[lib]
   if lib in OURS:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax  # noqa: F401  (import cost is not the clustering's)
   elif lib == "faiss":
     import faiss  # noqa: F401
@@ -249,11 +250,15 @@ def main() -> None:
     worker(args.worker, args.data, args.init, args.out)
     return
   libs = tuple(args.libs.split(","))
+  unknown = sorted(set(libs) - set(LIBS))
+  if unknown:
+    parser.error(f"--libs: unknown {unknown}; choose from {LIBS}")
   cases = QUICK_CASES if args.quick else CASES
   if args.cases:
     cases = [tuple(int(v) for v in c.split("x")) for c in args.cases.split(",")]
   results = {"cases": [], "iters": ITERS, "repeats": args.repeats, "cpus": os.cpu_count(),
-             "features": "Gaussian random projection of Fashion-MNIST pixels, L2-normalised"}
+             "features": "Gaussian random projection of Fashion-MNIST pixels, L2-normalised",
+             "deeper_jax": "deeper_jax.cluster.kmeans, XLA float32 dot scores"}
   with tempfile.TemporaryDirectory() as tmp:
     for n, d, k in cases:
       case = run_case(n, d, k, args.repeats, libs, tmp)

@@ -1,191 +1,304 @@
-"""VGG-16-BN train step: deeper_jax (jitted, donated state) vs PyTorch, same work, one run.
+"""DeeperCluster train step on VGG-16-BN: deeper_jax's real step vs the same work in PyTorch.
 
-One step = forward + backward + SGD-momentum update of VGG-16-BN (config D, BatchNorm,
-fc6 → ReLU → Dropout(0.5) → fc7 as in deeper_jax) plus a 1000-way linear head on
-ReLU(fc7), cross-entropy against random labels. Both sides: the same layer table, the
-same init (He fan-out convs, N(0, 0.01) linears), SGD lr 0.01 momentum 0.9 with
-coupled weight decay 1e-5, mean/std normalisation inside the model, float32.
+Why this benchmark: the train step is most of a run's time, and PyTorch on CPU (oneDNN)
+is the reference implementation's framework. deeper_jax's side is the step the training
+loop runs, ``deeper_jax.train.step.make_train_step`` (one ``jax.jit``, state donated),
+built the way ``train/loop.py`` builds it from a ``configs/default.py`` config. The
+PyTorch side is written here with plain ``torch`` (torchvision does not install beside
+the torch 2.13.0 CPU wheel) and does the same work, inside the timed step:
 
-PyTorch's model is defined here with plain ``torch.nn`` (torchvision cannot be installed
-beside torch 2.13.0); it is measured both NCHW and channels_last and the faster is the
-reference. Threads: torch.set_num_threads(N) and XLA's CPU pool both use the N cores of
-this process's affinity mask (``taskset -c 0 python ...`` gives 1 thread to both).
-Isolation: every side (JAX variant, torch format) lives in its own worker process, built
-and warmed up once; only one side runs at a time, and in each round it runs
-``--round-warmup`` untimed steps before its timed ones. Why: both frameworks fault in
-GBs of fresh pages every step (XLA mmaps its temp buffer per execution: 177k faults per
-step at 112 px, 620k at 224 px; PyTorch 60k-900k), and right after the other
-framework's burst those faults cost 3-6x more system time on this VM (224 px JAX step:
-4.8 s steadily alone, 6-8 s as the first step after a PyTorch step, with the same fault
-count). A training run never interleaves like that, so neither side is timed cold.
-Timing: warmup steps, then ``--repeats`` rounds that time ``--steps`` steps of every
-side in turn (interleaved, ABBA order); images/s are medians over rounds, and the ratio
-is the median over rounds of the within-round speed ratio (robust to a shared, noisy
-machine: other processes' load varies by 5× within minutes here).
+1. uint8 images ``[S, b, L, L, 3]`` (L = load size) → float / 255;
+2. RandomResizedCrop to ``size`` (torchvision's box draw: scale (0.08, 1), ratio
+   (3/4, 4/3), 10 tries then a central fallback; bilinear, antialiased), horizontal
+   flip with p = 1/2, slice ``s`` rotated by ``(s % 4)·90°``;
+3. normalisation by the ImageNet mean/std, the Sobel front end when ``--sobel``
+   (grayscale, fixed 3×3 Sobel pair, conv1_1 VALID on the map, as ``models/sobel.py``);
+4. VGG-16-BN (13 conv-BN-ReLU, 5 max-pools, fc6 → ReLU → Dropout 0.5 → fc7), train-mode
+   BatchNorm over the whole batch;
+5. eq. 5: CE of the super-class head V (S-way) + CE of each slice's own sub-head W_s
+   (k_sub-way) on ReLU(fc7), accuracies; W's gradient × S (``sub_head_grad='per_group'``);
+6. SGD momentum 0.9, coupled weight decay, on backbone and heads.
 
-  python benchmarks/train_step_vs_torch.py --json /tmp/train_step.json
-  python benchmarks/train_step_vs_torch.py --sizes 112 --jax-variants xla,patches
+Same layer table (read from ``deeper_jax.models.architectures``), same inits, same
+parameter count (checked at start-up), float32 on both sides unless a ``bfloat16``
+JAX variant is asked for (``model.dtype='bfloat16'``: bf16 compute, float32 parameters;
+PyTorch stays float32). PyTorch runs NCHW and channels_last; the faster is the reference.
+Only the random draws differ (each framework's own RNG).
+
+Threads: ``torch.set_num_threads(N)``; XLA:CPU sizes its pool from the same affinity
+mask (``taskset -c 0 python ...`` gives 1 thread to both). JAX runs on XLA:CPU
+(``JAX_PLATFORMS=cpu`` unless set): the peer is a CPU wheel.
+Isolation: every side (JAX variant, torch format) lives in its own spawned worker
+process, built and warmed up once; only one side runs at a time, and in each round it
+runs ``--round-warmup`` untimed steps before its timed ones (both frameworks fault in
+GBs of fresh pages per step, and right after the other framework's burst those faults
+cost several times more system time: a training run never interleaves like that).
+Timing: ``--repeats`` rounds that time ``--steps`` steps of every side in turn, the
+order reversed every other round (ABBA); images/s are medians over rounds, and the
+ratio is the median over rounds of (PyTorch's best s/step) / (deeper_jax s/step).
+
+  python benchmarks/train_step_vs_torch.py --json benchmarks/results/train_step_vs_torch_$(date +%F).json
+  python benchmarks/train_step_vs_torch.py --quick          # thin VGG at 32 px, a smoke run
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing
 import os
 import platform
 import resource
-import sys
 import time
 
 import numpy as np
 
-# Runnable as `python benchmarks/train_step_vs_torch.py` from a plain checkout.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# deeper_jax and configs come from the installed package (pip install -e .).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # spawned workers inherit it
 
-NUM_CLASSES = 1000
-LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 1e-5
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-VGG16 = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
+NUM_ROTATIONS = 4
+CROP_SCALE, CROP_RATIO, CROP_ATTEMPTS = (0.08, 1.0), (3 / 4, 4 / 3), 10
+LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 1e-5
+DTYPES = ("float32", "bfloat16")
+
+
+def load_size(size: int) -> int:
+  """Side the images are stored at: the reference's Resize(256) for 224 crops."""
+  return round(size * 256 / 224)
+
+
+def make_config(args, size: int, dtype: str = "float32"):
+  """The ``configs/default.py`` config of this benchmark's network, method and step."""
+  from configs import default
+
+  config = default.get_config()
+  config.data.name = "image_folder"     # RGB images, as configs/paper_vgg16_yfcc.py
+  config.data.image_size = size
+  config.data.load_size = load_size(size)
+  config.data.channels = 3
+  m = config.model
+  m.name, m.width, m.feature_dim = "vgg16_bn", args.width, args.feature_dim
+  m.sobel, m.fc_init, m.dtype, m.mean, m.std = args.sobel, "torch", dtype, MEAN, STD
+  method = config.method
+  method.num_rotations = NUM_ROTATIONS
+  method.num_super_clusters = args.num_super_clusters
+  method.num_sub_clusters = args.num_sub_clusters
+  method.loss, method.head_init, method.sub_head_grad = "hierarchical", "torch", "per_group"
+  t = config.train
+  t.batch_size, t.learning_rate, t.momentum, t.weight_decay = (args.batch, LR, MOMENTUM,
+                                                               WEIGHT_DECAY)
+  t.crop, t.crop_scale, t.crop_ratio = "random_resized", CROP_SCALE, CROP_RATIO
+  config.clustering.pca_dim = min(config.clustering.pca_dim, args.feature_dim)
+  return config
+
+
+def num_super(args) -> int:
+  return NUM_ROTATIONS * args.num_super_clusters
+
+
+def batch_arrays(args, size: int) -> tuple[np.ndarray, np.ndarray]:
+  """The same uint8 images [S, b, L, L, 3] and sub-cluster ids [S, b] for every side."""
+  s = num_super(args)
+  b, side = args.batch // s, load_size(size)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (s, b, side, side, 3), dtype=np.uint8)
+  return images, rng.integers(0, args.num_sub_clusters, (s, b)).astype(np.int32)
 
 
 # ----------------------------------------------------------------------------- JAX side
-def jax_step(variant: str, batch: int, size: int):
-  """(step, state, inputs) for deeper_jax's VGG-16-BN; variant = conv_impl[-bf16]."""
-  import jax
-  import jax.numpy as jnp
-  import optax
-
+def jax_model_and_state(args, size: int, dtype: str):
+  """(model, config, tx, head_tx, state) exactly as train/loop.py starts a phase."""
   from deeper_jax.models import build_backbone
+  from deeper_jax.train import state as state_lib
+  from deeper_jax.train import step as step_lib
 
-  conv_impl, _, dtype = variant.partition("-")
-  model = build_backbone(dict(name="vgg16_bn", conv_impl=conv_impl, mean=MEAN, std=STD,
-                              dtype={"bf16": "bfloat16", "": "float32"}[dtype]))
-  shape = (batch, size, size, 3)
-  variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros(shape))
-  head = {"kernel": 0.01 * jax.random.normal(jax.random.key(1), (4096, NUM_CLASSES)),
-          "bias": jnp.zeros(NUM_CLASSES)}
-  params = {"backbone": variables["params"], "head": head}
-  tx = optax.chain(optax.add_decayed_weights(WEIGHT_DECAY), optax.sgd(LR, momentum=MOMENTUM))
-  state = (params, variables["batch_stats"], tx.init(params))
+  config = make_config(args, size, dtype)
+  model = build_backbone(config.model)
+  tx, head_tx = step_lib.make_optimizer(config.train), step_lib.make_optimizer(config.train)
+  variables = state_lib.init_variables(model, config, 3)
+  state = state_lib.start_phase(variables, 0, config, config.method, tx, head_tx, phase=0)
+  return model, config, tx, head_tx, state
 
-  def step(state, images, labels, key):
-    params, batch_stats, opt_state = state
 
-    def loss_fn(params):
-      (features, _), updates = model.apply(
-          {"params": params["backbone"], "batch_stats": batch_stats}, images, train=True,
-          rngs={"dropout": key}, mutable=["batch_stats"])
-      logits = jax.nn.relu(features) @ params["head"]["kernel"] + params["head"]["bias"]
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-      return loss, updates["batch_stats"]
+def jax_step(args, size: int, dtype: str):
+  """(run, sync) of deeper_jax's jitted, donated train step on one fixed batch."""
+  import jax
 
-    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), batch_stats, opt_state), loss
+  from deeper_jax import config_checks
+  from deeper_jax.runtime import mesh as mesh_lib
+  from deeper_jax.train import step as step_lib
 
-  rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.uniform(size=shape).astype(np.float32))
-  labels = jnp.asarray(rng.integers(0, NUM_CLASSES, batch).astype(np.int32))
-  jitted = jax.jit(step, donate_argnums=0)
-  box = {"state": state, "i": 0}
+  model, config, tx, head_tx, state = jax_model_and_state(args, size, dtype)
+  config_checks.check_config(config, jax.device_count())  # a config a real run accepts
+  mesh = mesh_lib.make_mesh(num_super(args))
+  sharding = step_lib.state_shardings(state, mesh)
+  step = step_lib.make_train_step(model, tx, head_tx, method=config.method,
+                                  train_config=config.train, image_size=size, mesh=mesh,
+                                  state_sharding=sharding)
+  images, sub_labels = batch_arrays(args, size)
+  batch = jax.device_put({"images": images, "sub_labels": sub_labels},
+                         step_lib.batch_shardings(mesh))
+  rng = jax.random.key(config.seed)
+  box = {"state": jax.device_put(state, sharding)}
 
   def run():
-    box["i"] += 1
-    box["state"], loss = jitted(box["state"], images, labels, jax.random.key(box["i"]))
-    return loss
+    box["state"], metrics = step(box["state"], batch, rng)
+    return metrics["loss"]
 
   return run, lambda loss: float(loss)
 
 
-# --------------------------------------------------------------------------- torch side
-def torch_vgg16_bn():
-  import torch
-  from torch import nn
+def jax_param_count(args, size: int) -> int:
+  """Backbone + heads parameters, from shapes only."""
+  import jax
 
-  layers, c = [], 3
-  for stage in VGG16:
-    for width in stage:
-      layers += [nn.Conv2d(c, width, 3, padding=1), nn.BatchNorm2d(width, momentum=0.1,
-                                                                   eps=1e-5), nn.ReLU(True)]
-      c = width
-    layers.append(nn.MaxPool2d(2, 2))
-  model = nn.Sequential(*layers)
-  for m in model.modules():
-    if isinstance(m, nn.Conv2d):
-      nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-      nn.init.zeros_(m.bias)
-  return model
+  shapes = jax.eval_shape(lambda: jax_model_and_state(args, size, "float32")[-1])
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves((shapes.params, shapes.heads)))
+
+
+# --------------------------------------------------------------------------- torch side
+def _crop_box(gen, height: int, width: int) -> tuple[int, int, int, int]:
+  """torchvision's RandomResizedCrop.get_params with torch's RNG: (top, left, h, w)."""
+  import torch
+
+  area = height * width
+  log_ratio = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))
+  for _ in range(CROP_ATTEMPTS):
+    u = torch.rand(2, generator=gen).tolist()
+    target = area * (CROP_SCALE[0] + (CROP_SCALE[1] - CROP_SCALE[0]) * u[0])
+    aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[1])
+    w = int(round(math.sqrt(target * aspect)))
+    h = int(round(math.sqrt(target / aspect)))
+    if 0 < w <= width and 0 < h <= height:
+      top = int(torch.randint(0, height - h + 1, (1,), generator=gen))
+      left = int(torch.randint(0, width - w + 1, (1,), generator=gen))
+      return top, left, h, w
+  in_ratio = width / height
+  if in_ratio < CROP_RATIO[0]:
+    w, h = width, round(width / CROP_RATIO[0])
+  elif in_ratio > CROP_RATIO[1]:
+    w, h = round(height * CROP_RATIO[1]), height
+  else:
+    w, h = width, height
+  return (height - h) // 2, (width - w) // 2, h, w
+
+
+def torch_training_view(images, size: int, gen):
+  """uint8 [S, b, L, L, C] → float [S·b, C, size, size]: crop, resize, flip, rotate."""
+  import torch
+  import torch.nn.functional as F
+
+  num_s, b = images.shape[:2]
+  x = images.reshape((num_s * b,) + images.shape[2:]).permute(0, 3, 1, 2).float() / 255.0
+  views = []
+  for image in x:
+    top, left, h, w = _crop_box(gen, image.shape[-2], image.shape[-1])
+    crop = image[None, :, top:top + h, left:left + w]
+    views.append(F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False,
+                               antialias=True))
+  x = torch.cat(views)
+  flip = torch.rand(len(x), generator=gen) < 0.5
+  x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+  x = x.view(num_s, b, *x.shape[1:])
+  x = torch.stack([torch.rot90(x[s], s % NUM_ROTATIONS, dims=(-2, -1)) for s in range(num_s)])
+  return x.reshape((num_s * b,) + x.shape[2:])
 
 
 class TorchNet:
-  """VGG-16-BN body (+ fc6/fc7 sized to the input), head, normalisation — as deeper_jax."""
+  """VGG-16-BN + heads V, W and the eq. 5 step, as deeper_jax's, in torch.nn."""
 
-  def __init__(self, size: int, channels_last: bool):
+  def __init__(self, args, size: int, channels_last: bool):
     import torch
     from torch import nn
 
-    self.torch = torch
-    body = torch_vgg16_bn()
-    flat = 512 * (size // 32) ** 2
-    fc = nn.Sequential(nn.Flatten(), nn.Linear(flat, 4096), nn.ReLU(True), nn.Dropout(0.5),
-                       nn.Linear(4096, 4096), nn.ReLU(True), nn.Linear(4096, NUM_CLASSES))
-    for m in fc.modules():
-      if isinstance(m, nn.Linear):
-        nn.init.normal_(m.weight, 0, 0.01)
-        nn.init.zeros_(m.bias)
-    self.model = nn.Sequential(body, fc)
+    from deeper_jax.models.architectures import vgg16_bn_stages
+    from deeper_jax.models.sobel import SOBEL_X, SOBEL_Y
+
+    self.torch, self.size, self.sobel = torch, size, args.sobel
+    self.num_super = num_super(args)
+    layers, c, side = [], (2 if args.sobel else 3), size
+    for i, stage in enumerate(vgg16_bn_stages(args.width)):
+      for j, spec in enumerate(stage.convs):
+        padding = 0 if (args.sobel and i == j == 0) else spec.padding
+        conv = nn.Conv2d(c, spec.features, spec.kernel, spec.stride, padding)
+        nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / (spec.kernel ** 2 * spec.features)))
+        nn.init.zeros_(conv.bias)
+        layers += [conv, nn.BatchNorm2d(spec.features, eps=1e-5, momentum=0.1), nn.ReLU(True)]
+        c = spec.features
+      layers.append(nn.MaxPool2d(*stage.pool))
+      side //= stage.pool[1]
+    d = args.feature_dim
+    # nn.Linear's default init is U(±1/√fan_in) for weight and bias: fc_init='torch'.
+    layers += [nn.Flatten(), nn.Linear(c * side * side, d), nn.ReLU(True), nn.Dropout(0.5),
+               nn.Linear(d, d)]
+    bound = 1.0 / math.sqrt(d)
+    uniform = lambda *shape: nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
+    self.heads = nn.ParameterDict({
+        "V_kernel": uniform(d, self.num_super), "V_bias": uniform(self.num_super),
+        "W_kernel": uniform(self.num_super, d, args.num_sub_clusters),
+        "W_bias": uniform(self.num_super, args.num_sub_clusters)})
     self.format = torch.channels_last if channels_last else torch.contiguous_format
-    self.model = self.model.to(memory_format=self.format)
+    self.model = nn.Sequential(*layers).to(memory_format=self.format)
     self.mean = torch.tensor(MEAN).view(1, 3, 1, 1)
     self.std = torch.tensor(STD).view(1, 3, 1, 1)
-    self.opt = torch.optim.SGD(self.model.parameters(), lr=LR, momentum=MOMENTUM,
-                               weight_decay=WEIGHT_DECAY)
-    self.loss = nn.CrossEntropyLoss()
+    self.sobel_kernel = torch.from_numpy(np.stack([SOBEL_X, SOBEL_Y])[:, None])
+    self.opt = torch.optim.SGD(list(self.model.parameters()) + list(self.heads.parameters()),
+                               lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
 
-  def step_fn(self, batch: int, size: int):
+  def param_count(self) -> int:
+    return sum(p.numel() for p in self.model.parameters()) + sum(
+        p.numel() for p in self.heads.parameters())
+
+  def loss(self, x, sub_labels):
+    torch, F = self.torch, self.torch.nn.functional
+    x = (x - self.mean) / self.std
+    if self.sobel:  # grayscale, zero-pad by conv1_1's padding + 1, VALID Sobel pair
+      x = F.conv2d(x.mean(dim=1, keepdim=True), self.sobel_kernel, padding=2)
+    features = self.model(x.contiguous(memory_format=self.format))
+    num_s, b = sub_labels.shape
+    f = torch.relu(features).view(num_s, b, -1)
+    h = self.heads
+    super_logits = f @ h["V_kernel"] + h["V_bias"]
+    super_targets = torch.arange(num_s)[:, None].expand(num_s, b)
+    sub_logits = torch.bmm(f, h["W_kernel"]) + h["W_bias"][:, None, :]
+    super_loss = F.cross_entropy(super_logits.reshape(num_s * b, -1), super_targets.reshape(-1))
+    sub_loss = F.cross_entropy(sub_logits.reshape(num_s * b, -1), sub_labels.reshape(-1))
+    with torch.no_grad():  # the metrics deeper_jax's step returns
+      accuracies = ((super_logits.argmax(-1) == super_targets).float().mean(),
+                    (sub_logits.argmax(-1) == sub_labels).float().mean())
+    return super_loss + sub_loss, accuracies
+
+  def step_fn(self, args):
     torch = self.torch
-    g = torch.Generator().manual_seed(0)
-    images = torch.rand(batch, 3, size, size, generator=g).to(memory_format=self.format)
-    labels = torch.randint(0, NUM_CLASSES, (batch,), generator=g)
+    images, sub_labels = (torch.from_numpy(a) for a in batch_arrays(args, self.size))
+    sub_labels = sub_labels.long()
+    gen = torch.Generator().manual_seed(0)
     self.model.train()
 
     def run():
-      x = ((images - self.mean) / self.std).contiguous(memory_format=self.format)
-      loss = self.loss(self.model(x), labels)
+      x = torch_training_view(images, self.size, gen)
+      loss, _ = self.loss(x, sub_labels)
       self.opt.zero_grad(set_to_none=True)
       loss.backward()
+      for name in ("W_kernel", "W_bias"):  # sub_head_grad='per_group'
+        self.heads[name].grad.mul_(self.num_super)
       self.opt.step()
       return loss
 
     return run, lambda loss: float(loss.detach())
 
 
-def param_counts_224() -> dict[str, int]:
-  """Both models without the 1000-way head: the same network has the same count."""
-  import jax
-  import jax.numpy as jnp
-
-  from deeper_jax.models import build_backbone
-
-  net = TorchNet(224, channels_last=False)
-  torch_count = sum(p.numel() for p in net.model.parameters()) - (4096 * NUM_CLASSES
-                                                                    + NUM_CLASSES)
-  model = build_backbone(dict(name="vgg16_bn"))
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
-  jax_count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"]))
-  return {"torch": int(torch_count), "deeper_jax": jax_count}
-
-
 # ------------------------------------------------------------------------------ harness
-def _side_worker(conn, name: str, batch: int, size: int, threads: int) -> None:
+def _side_worker(conn, name: str, args, size: int, threads: int) -> None:
   """Worker process of one side: builds it, then serves ``(warm, steps)`` timing requests."""
   framework, _, variant = name.partition(":")
   if framework == "jax":
-    run, sync = jax_step(variant, batch, size)
+    run, sync = jax_step(args, size, variant)
   else:
     import torch
     torch.set_num_threads(threads)
-    run, sync = TorchNet(size, variant == "channels_last").step_fn(batch, size)
+    run, sync = TorchNet(args, size, variant == "channels_last").step_fn(args)
   conn.send("ready")
   while (request := conn.recv()) is not None:
     warm, steps = request
@@ -194,20 +307,20 @@ def _side_worker(conn, name: str, batch: int, size: int, threads: int) -> None:
     before, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     for _ in range(steps):
       loss = run()
-    sync(loss)
+    last = sync(loss)
     wall, after = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF)
     conn.send({"wall": wall / steps, "user": (after.ru_utime - before.ru_utime) / steps,
                "sys": (after.ru_stime - before.ru_stime) / steps,
-               "page_faults": (after.ru_minflt - before.ru_minflt) / steps})
+               "page_faults": (after.ru_minflt - before.ru_minflt) / steps, "loss": last})
 
 
 class Side:
   """A side in its own process (spawned: no state shared with other sides)."""
 
-  def __init__(self, name: str, batch: int, size: int, threads: int):
+  def __init__(self, name: str, args, size: int, threads: int):
     ctx = multiprocessing.get_context("spawn")
     self.conn, child = ctx.Pipe()
-    self.process = ctx.Process(target=_side_worker, args=(child, name, batch, size, threads))
+    self.process = ctx.Process(target=_side_worker, args=(child, name, args, size, threads))
     self.process.start()
     if self.conn.recv() != "ready":
       raise RuntimeError(f"side {name} failed to start")
@@ -224,16 +337,11 @@ class Side:
 
 def measure(sides: dict, warmup: int, steps: int, repeats: int, round_warmup: int
             ) -> tuple[dict[str, list[float]], dict[str, list[dict]]]:
-  """Seconds per step of every side, per round; rounds interleave the sides.
+  """Seconds per step of every side, per round; rounds interleave the sides (ABBA).
 
-  Each round times `steps` steps of each side in turn, the order reversed every other
-  round (ABBA), so load from other processes lands on all sides alike; the caller
-  compares sides within a round (ratios), which cancels slow drifts in that load.
-  Each side first runs `round_warmup` untimed steps in its round: the step right after
-  the *other* framework's burst is not what a training run sees (on this VM it paid
-  2-5 s of extra system time at 224 px re-faulting pages the other process had just freed).
-  Returns the wall seconds per step and the full per-round records (user/sys seconds
-  and page faults per step).
+  Load from other processes lands on all sides alike, and the caller compares sides
+  within a round (ratios), which cancels slow drifts in that load. Returns the wall
+  seconds per step and the full per-round records (user/sys seconds, page faults).
   """
   records = {name: [] for name in sides}
   for name, side in sides.items():
@@ -245,18 +353,39 @@ def measure(sides: dict, warmup: int, steps: int, repeats: int, round_warmup: in
     for name in (names if r % 2 == 0 else names[::-1]):
       records[name].append(sides[name].time_steps(steps, round_warmup))
     print(f"  round {r + 1}/{repeats}: " + ", ".join(
-        f"{n} {records[n][-1]['wall']:.2f} s/step (sys {records[n][-1]['sys']:.2f})"
-        for n in names), flush=True)
+        f"{n} {records[n][-1]['wall']:.3f} s/step (sys {records[n][-1]['sys']:.2f}, "
+        f"loss {records[n][-1]['loss']:.3f})" for n in names), flush=True)
   return {n: [rec["wall"] for rec in recs] for n, recs in records.items()}, records
 
 
-def main():
+def check_args(parser, args) -> None:
+  s = num_super(args)
+  if args.batch % s:
+    parser.error(f"--batch {args.batch} must be a multiple of S = 4 x "
+                 f"--num-super-clusters = {s}")
+  bad = sorted(set(args.jax_variants) - set(DTYPES))
+  if bad:
+    parser.error(f"--jax-variants: unknown {bad}; choose from {DTYPES}")
+  bad = sorted(set(args.torch_formats) - {"channels_last", "nchw"})
+  if bad:
+    parser.error(f"--torch-formats: unknown {bad}; choose from channels_last, nchw")
+
+
+def parse_args():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--json", default="", help="write the results here")
-  parser.add_argument("--batch", type=int, default=8)
-  parser.add_argument("--sizes", default="112,224")
-  parser.add_argument("--jax-variants", default="auto",
-                      help="comma list of conv_impl[-bf16]; the first is 'deeper_jax'")
+  parser.add_argument("--quick", action="store_true",
+                      help="smoke run: width-4 VGG, 64-d features, 32 px, 2 rounds")
+  parser.add_argument("--batch", type=int, default=8, help="global batch, S x b")
+  parser.add_argument("--sizes", default="112,224", help="crop sizes (images stored at 256/224 x)")
+  parser.add_argument("--width", type=int, default=64, help="VGG's first-stage channels")
+  parser.add_argument("--feature-dim", type=int, default=4096, help="fc6/fc7 width D")
+  parser.add_argument("--num-super-clusters", type=int, default=2, help="m; S = 4m")
+  parser.add_argument("--num-sub-clusters", type=int, default=125, help="k_sub per super-class")
+  parser.add_argument("--sobel", action=argparse.BooleanOptionalAction, default=True,
+                      help="Sobel front end (paper); --no-sobel feeds RGB")
+  parser.add_argument("--jax-variants", default="float32",
+                      help="model.dtype values; the first is 'deeper_jax'")
   parser.add_argument("--torch-formats", default="channels_last,nchw")
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--steps", type=int, default=1)
@@ -264,26 +393,46 @@ def main():
   parser.add_argument("--round-warmup", type=int, default=1,
                       help="untimed steps of a side before its timed steps in each round")
   args = parser.parse_args()
+  if args.quick:
+    args.width, args.feature_dim, args.sizes = 4, 64, "32"
+    args.warmup, args.repeats = 1, 2
+  args.jax_variants = args.jax_variants.split(",")
+  args.torch_formats = args.torch_formats.split(",")
+  check_args(parser, args)
+  return args
 
+
+def main():
+  args = parse_args()
   import jax
   import torch
 
   threads = len(os.sched_getaffinity(0))
   torch.set_num_threads(threads)
-  variants = args.jax_variants.split(",")
-  formats = args.torch_formats.split(",")
+  sizes = [int(s) for s in args.sizes.split(",")]
+  counts = {"deeper_jax": jax_param_count(args, sizes[0]),
+            "torch": TorchNet(args, sizes[0], channels_last=False).param_count()}
+  print(f"parameters at {sizes[0]} px (backbone + heads): {counts}", flush=True)
+  if counts["deeper_jax"] != counts["torch"]:
+    raise SystemExit(f"the two networks differ: {counts}")
   info = {"threads": threads, "jax": jax.__version__, "torch": torch.__version__,
           "backend": jax.default_backend(), "machine": platform.processor() or platform.machine(),
-          "xla_flags": os.environ.get("XLA_FLAGS", ""), "head": f"{NUM_CLASSES}-way CE on ReLU(fc7)",
-          "jax_variants": variants, "timing": vars(args),
-          "param_count_224": param_counts_224()}
-  print(f"parameters at 224 (no head): {info['param_count_224']}", flush=True)
+          "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "step": (f"deeper_jax.train.step.make_train_step; S={num_super(args)} "
+                   f"(R=4, m={args.num_super_clusters}), k_sub={args.num_sub_clusters}, "
+                   f"random-resized crops from {[load_size(s) for s in sizes]} px, "
+                   f"sobel={args.sobel}"),
+          "args": vars(args), "param_count": counts}
   cases = []
-  for size in (int(s) for s in args.sizes.split(",")):
-    print(f"batch {args.batch}, {size}x{size}: building", flush=True)
-    names = [f"jax:{v}" for v in variants] + [f"torch:{f}" for f in formats]
-    sides = {n: Side(n, args.batch, size, threads) for n in names}
+  for size in sizes:
+    print(f"batch {args.batch}, {size}x{size} crops of {load_size(size)}-px images: building",
+          flush=True)
+    names = ([f"jax:{v}" for v in args.jax_variants]
+             + [f"torch:{f}" for f in args.torch_formats])
+    sides = {}
     try:
+      for n in names:
+        sides[n] = Side(n, args, size, threads)
       times, records = measure(sides, args.warmup, args.steps, args.repeats,
                                args.round_warmup)
     finally:
@@ -291,19 +440,18 @@ def main():
         side.close()
     ips = {n: args.batch / float(np.median(t)) for n, t in times.items()}
     # Per round: torch's faster format as the reference, each JAX variant's speed ratio.
-    torch_best = np.min([times[f"torch:{f}"] for f in formats], axis=0)
+    torch_best = np.min([times[f"torch:{f}"] for f in args.torch_formats], axis=0)
     ratios = {v: float(np.median(torch_best / np.asarray(times[f"jax:{v}"])))
-              for v in variants}
-    torch_fmt = max(formats, key=lambda f: ips[f"torch:{f}"])
-    case = {"batch": args.batch, "size": size,
-            "images_per_sec": {"deeper_jax": ips[f"jax:{variants[0]}"],
+              for v in args.jax_variants}
+    torch_fmt = max(args.torch_formats, key=lambda f: ips[f"torch:{f}"])
+    first = args.jax_variants[0]
+    case = {"batch": args.batch, "size": size, "load_size": load_size(size),
+            "images_per_sec": {"deeper_jax": ips[f"jax:{first}"],
                                "torch": ips[f"torch:{torch_fmt}"]},
-            "ratio": ratios[variants[0]], "ratio_by_variant": ratios,
+            "ratio": ratios[first], "ratio_by_variant": ratios,
             "torch_format": torch_fmt, "all_images_per_sec": ips,
             "seconds_per_step": times, "per_round": records}
     cases.append(case)
-    print(json.dumps(case), flush=True)
-  result = {"cases": cases, "info": info}
   print("ratio = median over rounds of (torch's best s/step) / (deeper_jax s/step)")
   print(f"{'batch':>5} {'size':>5} {'deeper_jax':>11} {'torch':>8} {'ratio':>6}  by variant")
   for c in cases:
@@ -312,7 +460,7 @@ def main():
           " ".join(f"{v}={r:.2f}" for v, r in c["ratio_by_variant"].items()))
   if args.json:
     with open(args.json, "w") as f:
-      json.dump(result, f, indent=1)
+      json.dump({"cases": cases, "info": info}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,9 @@ def get_config() -> ml_collections.ConfigDict:
                                       # crops are drawn from it (reference: 256 for 224)
   config.data.channels = 0            # image folders / tfds: 1 or 3 (0 = the source's own; 3)
   config.data.imbalance_ratio = 10.0  # largest / smallest class of the long-tailed sets
+  config.data.duplicate_fraction = 0.1  # fashion_mnist_uncurated: share of near-duplicates
+  config.data.clutter_fraction = 0.2  # fashion_mnist_uncurated: share of unlabelled clutter
+  config.data.validation_size = 0     # Fashion-MNIST: train images held out as the eval split
   config.data.max_train_images = 0    # 0 = all (≈24.5k images for ratio 10)
   config.data.max_eval_images = 0     # cap on the labelled train / test splits (0 = all)
   config.data.seed = 0                # which images the subsets keep (apart from `seed`)
@@ -52,6 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.method.num_super_clusters = 4  # m: level-1 k-means; S = R·m super-classes
   config.method.num_sub_clusters = 10   # k_sub: level-2 k-means inside each super-cluster
   config.method.loss = "hierarchical"   # paper eq. 5; 'flat' = eq. 4 (one head, S·k_sub classes)
+  config.method.targets = "clusters"    # 'labels': the training set's classes (supervised bound)
   config.method.head_init = "torch"     # 'torch' U(±1/√D) (DeeperCluster), 'normal' N(0, .01)
   config.method.sub_head_grad = "per_group"  # W_s's gradient: mean over its own images
                                         # (reference code) or 'global_mean' (eq. 5 literally)

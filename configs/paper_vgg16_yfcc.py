@@ -53,7 +53,7 @@ def get_config():
   config.method.rotnet_warmup_epochs = 10  # not given by the paper
 
   config.clustering.pca_dim = 4096      # whitening without reduction, as the reference
-  config.clustering.pca_sample_size = 1_000_000
+  config.clustering.pca_sample_size = 4096 * 4095 // 2  # the reference: D(D-1)/2 images
   config.clustering.num_iters = 10
   config.clustering.chunk_size = 8192
   config.clustering.extract_batch_size = 1536

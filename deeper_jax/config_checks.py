@@ -1,8 +1,8 @@
 """Every config field is checked before any compute, with one sentence naming the field
 and the fix.
 
-``check_config`` needs the config, the built (not initialised) model and the device
-count: it checks every field's type and range (the table ``RULES``), the choices
+``check_config`` needs the config and the device count: it checks every field's type
+and range (the table returned by ``rules()``), the choices
 against the registries, the layer names against the model's structure at the
 configured image size, and the batch against the mesh. ``check_against_data`` runs
 once the (fast) dataset index is loaded: cluster counts against the number of images,
@@ -127,6 +127,8 @@ def rules() -> dict[str, Callable]:
       "data.name": choice(reg["datasets"]), "data.data_dir": folder,
       "data.image_size": integer(1, 4096), "data.load_size": integer(0, 8192),
       "data.channels": choice((0, 1, 3)), "data.imbalance_ratio": real(1.0, 1e6),
+      "data.duplicate_fraction": real(0.0, 1.0, open_high=True),
+      "data.clutter_fraction": real(0.0, 1.0, open_high=True), "data.validation_size": nonneg,
       "data.max_train_images": nonneg, "data.max_eval_images": nonneg, "data.seed": nonneg,
       "data.download": boolean, "data.eval_dir": folder, "data.labels_from_subdirs": boolean,
       "data.tfds_name": text, "data.train_split": text, "data.test_split": text,
@@ -137,13 +139,14 @@ def rules() -> dict[str, Callable]:
       "model.mean": numbers(), "model.std": numbers(positive=True),
       "method.num_rotations": choice((1, 4)), "method.num_super_clusters": integer(1, 1 << 20),
       "method.num_sub_clusters": integer(1, 1 << 24), "method.loss": choice(reg["losses"]),
+      "method.targets": choice(("clusters", "labels")),
       "method.head_init": choice(reg["inits"]),
       "method.sub_head_grad": choice(reg["sub_head_grads"]),
       "method.rotnet_warmup_epochs": integer(0, 100_000),
       "clustering.pca_dim": positive, "clustering.pca_sample_size": integer(2),
       "clustering.num_iters": integer(0, 10_000), "clustering.init": choice(reg["kmeans_inits"]),
       "clustering.chunk_size": positive, "clustering.extract_batch_size": positive,
-      "train.batch_size": positive, "train.num_cycles": integer(1, 1 << 20),
+      "train.batch_size": integer(1, 1 << 20), "train.num_cycles": integer(1, 1 << 20),
       "train.epochs_per_cycle": integer(1, 1 << 20),
       "train.learning_rate": real(0.0, 1e3, open_low=True), "train.momentum": real(
           0.0, 1.0, open_high=True), "train.weight_decay": real(0.0, 1.0),
@@ -207,14 +210,15 @@ def check_fields(config) -> None:
     _require(problem is None, f"config.{name}={_get(config, name)!r} {problem}.")
 
 
-def check_config(config, model, num_devices: int) -> None:
-  """Checks that need the config, the (unbuilt) model and the device count."""
-  from deeper_jax import evaluate
+def check_config(config, num_devices: int) -> None:
+  """Checks that need the config and the device count (the model is built, not run)."""
+  from deeper_jax import evaluate, models
   from deeper_jax.extract import features as features_lib
   from deeper_jax.runtime import mesh as mesh_lib
   from deeper_jax.train import schedule
 
   check_fields(config)
+  model = models.build_backbone(config.model)
   data, m, method, train = config.data, config.model, config.method, config.train
   _require(not (m.sobel and m.folded_sobel),
            "config.model.sobel and config.model.folded_sobel are exclusive; a folded network "
@@ -227,6 +231,9 @@ def check_config(config, model, num_devices: int) -> None:
     raise ConfigError(f"config.eval.evaluators names {unknown!r}, not an evaluator"
                       f"{nearest_field(unknown, list(evaluate.EVALUATORS)).replace('config.', '')};"
                       f" use some of {', '.join(evaluate.EVALUATORS)}.")
+  _require(method.targets == "clusters" or method.num_super_clusters == 1,
+           f"config.method.targets='labels' trains on the classes as one super-cluster: set "
+           f"config.method.num_super_clusters=1 (got {method.num_super_clusters}).")
   _require(not train.init_from or os.path.exists(train.init_from),
            f"config.train.init_from={train.init_from!r} does not exist; point it at a training "
            "workdir or an export, or set it to ''.")
@@ -295,6 +302,18 @@ def check_against_data(config, datasets) -> None:
            f"config.method asks for {method.num_super_clusters}×{method.num_sub_clusters}"
            f"={total} clusters but the training set has only {n} images; lower "
            "config.method.num_sub_clusters (or num_super_clusters) or use more data.")
+  _require(config.train.batch_size <= n,
+           f"config.train.batch_size={config.train.batch_size} is larger than the training set "
+           f"({n} images): every step would repeat images; use at most {n}.")
+  if method.targets == "labels":
+    labels = datasets.train.labels
+    _require(labels is not None,
+             "config.method.targets='labels' needs a training set with labels; this one has "
+             "none (use targets='clusters').")
+    _require(int(max(labels)) < method.num_sub_clusters,
+             f"config.method.targets='labels': the training set has {int(max(labels)) + 1} "
+             f"classes but config.method.num_sub_clusters={method.num_sub_clusters}; set it to "
+             f"{int(max(labels)) + 1}.")
   height = datasets.train.image_shape[0]
   _require(height >= config.data.image_size,
            f"the training images are {height} px but config.data.image_size="

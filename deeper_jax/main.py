@@ -19,7 +19,12 @@ with status 2; a traceback means a bug.
 """
 from __future__ import annotations
 
+import os
 import sys
+
+# TensorFlow (imported by clu's metric writers) logs INFO lines from C++ at import; a user
+# error should read as one line on stderr.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app
 from absl import flags

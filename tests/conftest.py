@@ -1,7 +1,9 @@
-"""Shared test helpers: the repo on sys.path, and a runner for multi-device subprocesses.
+"""Shared test helpers: configs derived from the default, real images, and a runner for
+multi-device subprocesses.
 
 JAX fixes the number of host devices when it starts, so "the same computation on 8
 devices" runs in a fresh Python process with ``--xla_force_host_platform_device_count``.
+The package is installed (``pip install -e .``), so no path is inserted here.
 """
 import json
 import os
@@ -12,8 +14,22 @@ import textwrap
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-  sys.path.insert(0, REPO)
+
+
+def test_config(base: str = "tiny", **overrides):
+  """``configs/<base>.py`` with dotted overrides: ``test_config(**{'train.batch_size': 32})``."""
+  import importlib
+  config = importlib.import_module(f"configs.{base}").get_config()
+  for dotted, value in overrides.items():
+    node = config
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
+test_config.__test__ = False  # a helper, not a test
 
 
 def run_with_devices(code: str, num_devices: int = 8, timeout: int = 600):
@@ -46,11 +62,8 @@ def fashion_mnist_images(n: int, split: str = "test"):
 
 
 def data_config(**fields):
-  """A ``config.data`` for the long-tailed Fashion-MNIST, with ``fields`` overridden."""
-  import ml_collections
-  config = ml_collections.ConfigDict(dict(
-      name="fashion_mnist_longtail", data_dir="", imbalance_ratio=10.0, image_size=28,
-      max_train_images=0))
+  """``config.data`` of the default config (long-tailed Fashion-MNIST), fields overridden."""
+  config = test_config("default").data
   config.update(fields)
   return config
 

@@ -1,4 +1,7 @@
-"""Sources, Fashion-MNIST, long tail and digits, on real images (tfds and registry: test_data_registry.py)."""
+"""Sources, Fashion-MNIST, long tail and digits, on real images.
+
+tfds and the registry: test_data_registry.py; image folders: test_image_folder*.py.
+"""
 from __future__ import annotations
 
 import gzip
@@ -9,11 +12,10 @@ import pytest
 from PIL import Image
 
 from deeper_jax.data import fashion_mnist
-from deeper_jax.data import (ArraySource, DatasetNotFoundError, ResizedSource, Source, SubsetSource, load_digits, load_fashion_mnist, long_tail_indices, long_tail_sizes, random_subset, read_all, read_idx, resized)
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
+from deeper_jax.data import (ArraySource, ResizedSource, Source, SubsetSource, load_digits,
+                             load_fashion_mnist, long_tail_indices, long_tail_sizes, random_subset,
+                             read_all, read_idx, resized)
+from deeper_jax.errors import DataError, DatasetNotFoundError, UserError
 
 
 # --- ArraySource & views -------------------------------------------------------
@@ -61,8 +63,8 @@ class TestArraySource:
     images = np.zeros((3, 4, 4, 1), np.uint8)
     with pytest.raises(ValueError, match=r"shape \(3,\)"):
       ArraySource(images, np.zeros(4, np.int32))
-    with pytest.raises(ValueError, match="non-negative"):
-      ArraySource(images, np.array([0, -1, 2]))
+    with pytest.raises(ValueError, match="non-negative"):  # -1 alone means "no label"
+      ArraySource(images, np.array([0, -2, 2]))
     with pytest.raises(ValueError, match="integers"):
       ArraySource(images, np.array([0.0, 1.0, 2.0]))
     with pytest.raises(ValueError, match="num_classes=2"):
@@ -184,10 +186,12 @@ class TestFashionMnist:
     with pytest.raises(DatasetNotFoundError) as info:
       load_fashion_mnist("train", str(tmp_path))
     message = str(info.value)
-    assert isinstance(info.value, FileNotFoundError)
+    # A user error (main prints it as one line), and still a FileNotFoundError for callers.
+    assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, DataError)
+    assert isinstance(info.value, UserError)
     assert str(tmp_path) in message and "train-images-idx3-ubyte" in message
     assert "apt-get install dataset-fashion-mnist" in message
-    assert "--config.data.data_dir" in message
+    assert "--config.data.data_dir" in message and "--config.data.download=true" in message
     assert not any(tmp_path.iterdir()), "nothing may be downloaded or created"
 
   def test_default_dirs_are_named_when_missing(self, tmp_path, monkeypatch):

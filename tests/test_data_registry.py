@@ -7,16 +7,15 @@ import subprocess
 import sys
 import textwrap
 
+import ml_collections
 import numpy as np
 import pytest
 
-from deeper_jax.data import (DATASET_NAMES, DatasetNotFoundError, Datasets, build_datasets,
-                             long_tail_indices)
+from conftest import data_config  # fixtures fmnist_* live there too
+from deeper_jax.data import DATASETS, Datasets, build_datasets, long_tail_indices, registry
+from deeper_jax.errors import ConfigError, DatasetNotFoundError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-from conftest import data_config  # noqa: E402  (fixtures fmnist_* live there too)
 
 
 # --- tfds (array_record, no TensorFlow, no download) ---------------------------
@@ -120,12 +119,28 @@ class TestTfds:
     assert batch.shape == (2, 24, 24, 3) and source.labels is None
     assert abs(float(batch[0].mean()) - float(batch[1].mean())) > 1  # two different photos
 
+  def test_name_and_split_are_public_and_identify_its_images(self, tiny_tfds):
+    from deeper_jax.data.fingerprint import fingerprint, item_ids
+    from deeper_jax.data.tfds_source import TfdsSource
+    source = TfdsSource("tiny_digits", "train[:10]", tiny_tfds)
+    assert source.name == "tiny_digits" and source.split == "train[:10]"
+    ids = item_ids(source)
+    assert ids[:2] == ["tiny_digits/train[:10]/0", "tiny_digits/train[:10]/1"] and len(ids) == 10
+    assert item_ids(source.subset(np.array([7, 3]))) == [ids[7], ids[3]]
+    other = TfdsSource("tiny_digits", "train[:11]", tiny_tfds)
+    assert fingerprint(item_ids(other)) != fingerprint(ids)
+
   def test_registry_tfds(self, tiny_tfds):
-    datasets = build_datasets(data_config(name="tfds", tfds_name="tiny_digits", data_dir=tiny_tfds,
-                                          image_size=8, max_train_images=0))
+    config = data_config(name="tfds", tfds_name="tiny_digits", data_dir=tiny_tfds, image_size=8)
+    datasets = build_datasets(config)
     assert len(datasets.train) == 60 and len(datasets.test) == 20
     assert datasets.labelled_train is datasets.train
-    with pytest.raises(ValueError, match="config.data.tfds_name"):
+    # channels=0 means 3 for tfds, known without reading an image.
+    assert datasets.train.image_shape == (8, 8, 3) == (8, 8, registry.image_channels(config))
+    config.channels, config.load_size = 1, 12
+    datasets = build_datasets(config)
+    assert datasets.test.image_shape == (12, 12, 1) == (12, 12, registry.image_channels(config))
+    with pytest.raises(ConfigError, match="config.data.tfds_name"):
       build_datasets(data_config(name="tfds", tfds_name=""))
 
   def test_no_tensorflow_imported(self, tiny_tfds):
@@ -177,29 +192,64 @@ class TestRegistry:
     np.testing.assert_array_equal(a.train.images(np.arange(4)), b.train.images(np.arange(4)))
     config.seed = 1
     assert not np.array_equal(build_datasets(config).train.labels, a.train.labels)
-    with pytest.raises(ValueError, match="config.data.max_train_images"):
-      build_datasets(data_config(max_train_images=-1))
+    for field in ("max_train_images", "max_eval_images"):
+      with pytest.raises(ConfigError, match=f"config.data.{field}=-1"):
+        build_datasets(data_config(**{field: -1}))
+
+  def test_load_size_is_the_size_sources_decode_to(self, fmnist_test):
+    datasets = build_datasets(data_config(image_size=28, load_size=36))
+    for source in datasets:
+      assert source.image_shape == (36, 36, 1)
+    assert registry.load_size(data_config(image_size=28, load_size=0)) == 28
+    assert registry.load_size(data_config(image_size=28, load_size=36)) == 36
+    # Upsampled (the network crops image_size squares from them), not padded.
+    from PIL import Image
+    expected = Image.fromarray(fmnist_test.array[3, :, :, 0]).resize((36, 36),
+                                                                      Image.Resampling.BILINEAR)
+    np.testing.assert_array_equal(datasets.test.images(np.array([3]))[0, :, :, 0],
+                                  np.asarray(expected))
 
   def test_digits(self):
     datasets = build_datasets(data_config(name="digits", image_size=16))
     assert datasets.train.image_shape == (16, 16, 1)
     assert len(datasets.train) == 1442 and len(datasets.test) == 355
+    larger = build_datasets(data_config(name="digits", image_size=16, load_size=20))
+    assert larger.test.image_shape == (20, 20, 1)
 
-  def test_unknown_name_lists_valid_ones(self):
-    with pytest.raises(ValueError) as info:
+  @pytest.mark.parametrize("name, channels, expected", [
+      ("fashion_mnist", 0, 1), ("fashion_mnist_longtail", 3, 1), ("digits", 0, 1),
+      ("image_folder", 0, 3), ("image_folder", 1, 1), ("tfds", 0, 3), ("tfds", 1, 1),
+  ])
+  def test_image_channels_known_from_the_config(self, name, channels, expected):
+    assert registry.image_channels(data_config(name=name, channels=channels)) == expected
+
+  def test_unknown_name_is_a_config_error_listing_valid_ones(self):
+    with pytest.raises(ConfigError) as info:
       build_datasets(data_config(name="imagenet"))
     assert "config.data.name='imagenet'" in str(info.value)
-    assert all(name in str(info.value) for name in DATASET_NAMES)
+    assert set(DATASETS) == {"fashion_mnist", "fashion_mnist_longtail",
+                             "fashion_mnist_uncurated", "digits", "image_folder", "tfds"}
+    assert all(name in str(info.value) for name in DATASETS)
+
+  def test_every_field_is_read_strictly(self):
+    """A config missing a field is a bug in the config, not a reason to guess a default."""
+    fields = data_config(name="digits").to_dict()
+    del fields["load_size"]
+    with pytest.raises((AttributeError, KeyError), match="load_size"):
+      build_datasets(ml_collections.ConfigDict(fields))
 
   def test_image_folder_needs_data_dir(self, tmp_path):
-    with pytest.raises(ValueError, match="config.data.data_dir"):
+    with pytest.raises(ConfigError, match="config.data.data_dir"):
       build_datasets(data_config(name="image_folder", data_dir=""))
     with pytest.raises(DatasetNotFoundError, match="config.data.data_dir"):
       build_datasets(data_config(name="image_folder", data_dir=str(tmp_path / "missing")))
 
-  def test_missing_fashion_mnist_dir_names_the_field(self, tmp_path):
-    with pytest.raises(DatasetNotFoundError, match="config.data.data_dir"):
+  def test_missing_fashion_mnist_dir_names_the_fixes(self, tmp_path):
+    with pytest.raises(DatasetNotFoundError) as info:
       build_datasets(data_config(data_dir=str(tmp_path)))
+    message = str(info.value)
+    assert "--config.data.data_dir" in message and "--config.data.download=true" in message
+    assert "apt-get install dataset-fashion-mnist" in message
 
   def test_sources_pickle(self):
     """Data-loader worker processes receive sources by pickling."""

@@ -2,7 +2,7 @@
 
 The uninterrupted run is the reference: a run killed at any point and started again
 with the same command must end with the same parameters, bit for bit, and the same
-results.
+results. tests/launch.py is ``python -m deeper_jax.main`` with crash injection.
 """
 import json
 import os
@@ -10,90 +10,114 @@ import signal
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, test_config
+from deeper_jax.runtime import checkpoints
 
-RESULT_KEYS = {"linear_probe_top1", "random_init_linear_probe_top1", "nmi_labels",
-               "train_images", "wall_seconds"}
+LAUNCH = os.path.join(REPO, "tests", "launch.py")
 
 
-def launch(workdir, *extra, kill_at=None):
+def launch(workdir, *extra, kill_at=None, timeout=900):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("DEEPER_JAX_KILL_AT", None)
   if kill_at:
     env["DEEPER_JAX_KILL_AT"] = kill_at
-  cmd = [sys.executable, "-m", "deeper_jax.main", "--config", "configs/tiny.py",
-         "--workdir", str(workdir), *extra]
+  cmd = [sys.executable, LAUNCH, "--config", "configs/tiny.py", "--workdir", str(workdir),
+         *extra]
   return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=900)
+                        timeout=timeout)
 
 
 def final_params(workdir):
-  from deeper_jax import pretrained
-  import jax
-  state = pretrained._latest_state(str(workdir))
+  state = checkpoints.Checkpointer(str(workdir)).restore_state_tree()
   leaves = jax.tree_util.tree_leaves_with_path(
       {k: state[k] for k in ("params", "batch_stats", "heads", "step")})
   return {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
 
 
 def comparable(results):
-  return {k: v for k, v in results.items() if k != "wall_seconds"}
+  """results.json without the timings, which differ between any two runs."""
+  if isinstance(results, dict):
+    return {k: comparable(v) for k, v in results.items()
+            if k not in ("wall_seconds", "seconds")}
+  if isinstance(results, list):
+    return [comparable(v) for v in results]
+  return results
+
+
+def read_results(workdir):
+  with open(os.path.join(workdir, "results.json")) as f:
+    return json.load(f)
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
+  """The reference end: tiny.py trained for 1 cycle, then continued to its 2 cycles
+  (issue 16.9). The other tests end runs killed anywhere, or run straight, on it."""
   workdir = tmp_path_factory.mktemp("reference")
-  proc = launch(workdir)
+  proc = launch(workdir, "--config.train.num_cycles=1")
   assert proc.returncode == 0, proc.stderr[-3000:]
-  with open(workdir / "results.json") as f:
-    return workdir, json.load(f), proc.stderr
+  one_cycle = read_results(workdir)
+  proc = launch(workdir)  # tiny.py: num_cycles = 2
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir, read_results(workdir), proc.stderr, one_cycle
 
 
 def test_tiny_run_writes_results(reference):
-  workdir, results, log = reference
-  assert RESULT_KEYS <= set(results)
-  assert results["train_images"] == 2048
-  assert 0.1 < results["random_init_linear_probe_top1"] < 1.0
-  assert 0.1 < results["linear_probe_top1"] < 1.0
-  assert 0.0 < results["nmi_labels"] < 1.0
-  assert len(results["cycles"]) == 2  # one clustering per cycle, with its metrics
-  assert "nmi_previous_cycle" in results["cycles"][1]
+  workdir, results, log, _ = reference
+  run = results["run"]
+  assert run["train_images"] == 2048
+  assert run["steps"] == 32 + 2 * 2 * 32  # RotNet epoch (S=4, b=16), 2 cycles × 2 epochs
+  phases = [(c["phase"], c["cycle"]) for c in run["cycles"]]
+  assert phases == [("rotnet_warmup", 0), ("clustering", 0), ("clustering", 1)]
+  assert "nmi_previous_cycle" in run["cycles"][2]
+  assert all(len(c["epoch_loss"]) == (1 if c["phase"] == "rotnet_warmup" else 2)
+             for c in run["cycles"])
+  probe = results["probe"]
+  assert probe["protocol"] == "fast" and probe["layer"] == "conv3"
+  assert 0.1 < probe["random_init_top1"] < 1.0 and 0.1 < probe["top1"] < 1.0
+  assert 0.0 < results["clusters"]["nmi_labels"] < 1.0
   assert "ETA" in log  # progress lines on the long phases
   assert os.path.isdir(workdir / "checkpoints")
 
 
-def test_running_again_resumes_instead_of_starting_over(reference, tmp_path):
-  workdir, results, _ = reference
+def test_running_again_resumes_instead_of_starting_over(reference):
+  workdir = reference[0]
   before = final_params(workdir)
   proc = launch(workdir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "resumed from checkpoint" in proc.stderr
-  assert "cycle 0 epoch 0" not in proc.stderr  # no training step was redone
+  assert "epoch 0: 32 steps" not in proc.stderr  # no training step was redone
   after = final_params(workdir)
   assert int(after["['step']"]) == int(before["['step']"])
 
 
 def assert_same_end(workdir, reference):
-  ref_dir, ref_results, _ = reference
+  ref_dir, ref_results = reference[:2]
   got, want = final_params(workdir), final_params(ref_dir)
   assert set(got) == set(want)
   for key in want:
     np.testing.assert_array_equal(got[key], want[key], err_msg=key)
-  with open(workdir / "results.json") as f:
-    assert comparable(json.load(f)) == comparable(ref_results)
+  got_results = comparable(read_results(workdir))
+  want_results = comparable(ref_results)
+  got_results["run"].pop("data_fingerprint"), want_results["run"].pop("data_fingerprint")
+  assert got_results == want_results
 
 
-def test_killed_at_four_points_in_a_row_ends_bit_identical(reference, tmp_path):
-  """SIGKILL during extraction, during k-means, mid-epoch and mid-checkpoint-write."""
+def test_killed_at_five_points_in_a_row_ends_bit_identical(reference, tmp_path):
+  """SIGKILL in the RotNet warm-up, during extraction, during k-means, mid-epoch and
+  mid-checkpoint-write; each restart resumes, the last one finishes."""
   workdir = tmp_path / "killed"
-  for kill_at in ("extract:2", "kmeans:3", "step:70", "save:3"):
+  # Checkpoints: 0 at the warm-up's end (step 32), 1 after the first clustering, 2 at
+  # step 50, 3 at the end of the first epoch (64), 4 at the end of the second (96).
+  for kill_at in ("step:20", "extract:2", "kmeans:3", "step:70", "save:4"):
     proc = launch(workdir, kill_at=kill_at)
     assert proc.returncode == -signal.SIGKILL, (kill_at, proc.stderr[-3000:])
-    if kill_at == "save:3":  # the kill landed inside Orbax's write of checkpoint 3
-      assert any(p.name.startswith("3.") for p in (workdir / "checkpoints").iterdir())
+    if kill_at == "save:4":  # the kill landed inside Orbax's write of checkpoint 4
+      assert any(p.name.startswith("4.") for p in (workdir / "checkpoints").iterdir())
   proc = launch(workdir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert_same_end(workdir, reference)
@@ -105,25 +129,36 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(reference, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "SIGTERM received" in proc.stderr
   assert not (workdir / "results.json").exists()
-  from deeper_jax import pretrained
-  assert int(pretrained._latest_state(str(workdir))["step"]) == 40
+  assert int(final_params(workdir)["['step']"]) == 40
   proc = launch(workdir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert_same_end(workdir, reference)
 
 
+def test_more_cycles_continue_a_finished_run_and_fewer_are_refused(reference):
+  """Issue 16.9: the reference ran 1 cycle, then was relaunched with 2; the killed and
+  preempted runs above, trained straight to 2 cycles, end bit-identical to it. Asking for
+  fewer cycles than a workdir has trained is refused in one line."""
+  workdir, _, _, one_cycle = reference
+  assert one_cycle["run"]["steps"] == 32 + 2 * 32
+  assert [c["cycle"] for c in one_cycle["run"]["cycles"]] == [0, 0]
+  proc = launch(workdir, "--config.train.num_cycles=1")
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f"deeper_jax: error: config.train.num_cycles=1 but workdir {workdir} has already trained "
+      "2 cycles; pass --config.train.num_cycles=2 or more, or use a new --workdir.")
+
+
 def test_export_then_load_pretrained_gives_the_training_backbone_features(reference):
-  import jax
-  from configs import tiny
   import deeper_jax
-  from deeper_jax import export_eval
+  from deeper_jax import export
   from deeper_jax.data.fashion_mnist import load_fashion_mnist
   workdir = reference[0]
   proc = launch(workdir, "--mode", "export")
   assert proc.returncode == 0, proc.stderr[-3000:]
   module, variables = deeper_jax.load_pretrained(str(workdir / "export"))
-  trained_module, trained_variables = export_eval.trained_backbone(tiny.get_config(),
-                                                                   str(workdir))
+  trained_module, trained_variables = export.trained_backbone(test_config("tiny"),
+                                                              str(workdir), channels=1)
   images = load_fashion_mnist("test").images(np.arange(64)).astype(np.float32) / 255
   got, got_blocks = module.apply(variables, images, train=False)
   want, want_blocks = trained_module.apply(trained_variables, images, train=False)
@@ -132,27 +167,31 @@ def test_export_then_load_pretrained_gives_the_training_backbone_features(refere
   assert list(got_blocks) == list(want_blocks)
 
 
-def test_eval_mode_chains_on_the_pretrained_run(reference):
+def test_eval_mode_runs_every_evaluator_and_keeps_the_training_sections(reference):
   workdir = reference[0]
-  proc = launch(workdir, "--mode", "eval")
+  before = read_results(workdir)
+  proc = launch(workdir, "--mode", "eval",
+                "--config.eval.evaluators=knn,finetune,cluster_grid,probe_paper")
   assert proc.returncode == 0, proc.stderr[-3000:]
-  with open(workdir / "eval" / "results.json") as f:
-    results = json.load(f)
-  assert {"linear_probe_by_layer", "knn_top1", "nmi", "ari", "purity", "finetune"} <= set(results)
-  assert results["knn_top1"] > 0.3
-  assert (workdir / "eval" / "probe_by_layer.png").exists()
+  results = read_results(workdir)
+  assert comparable(results["run"]) == comparable(before["run"])  # training's own record
+  assert comparable(results["probe"]) == comparable(before["probe"])
+  assert results["knn"]["top1"] > 0.3
+  assert set(results["finetune"]["top1"]) == {"1%", "10%"}
+  assert results["probe_paper"]["protocol"] == "paper"
+  assert set(results["probe_paper"]["by_layer"]) == {"conv1_1", "conv2_1", "conv3_1"}
+  assert (workdir / "eval" / "clusters.png").exists()
+  assert (workdir / "eval" / "probe_paper_by_layer.png").exists()
 
 
 def test_init_from_starts_the_backbone_from_another_run(reference):
-  import jax
-  from configs import tiny
-  from deeper_jax import models, state as state_lib, train_step as step_lib
-  config = tiny.get_config()
-  config.train.init_from = str(reference[0])
+  from deeper_jax import export, models
+  from deeper_jax.train import state as state_lib
+  config = test_config("tiny", **{"train.init_from": str(reference[0])})
   model = models.build_backbone(config.model)
-  tx = step_lib.make_optimizer(config.train)
-  state = state_lib.initial_state(model, config, (28, 28, 1), tx, tx, 64)
+  variables = export.load_backbone_variables(
+      config.train.init_from, state_lib.init_variables(model, config, channels=1))
   want = final_params(reference[0])
   got = {jax.tree_util.keystr(p): np.asarray(v)
-         for p, v in jax.tree_util.tree_leaves_with_path({"params": state.params})}
+         for p, v in jax.tree_util.tree_leaves_with_path({"params": variables["params"]})}
   assert got and all(np.array_equal(got[k], want[k]) for k in got)

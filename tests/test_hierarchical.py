@@ -1,29 +1,18 @@
-"""Two-level k-means (deeper_jax.clustering.hierarchical) on real Fashion-MNIST features."""
+"""Two-level k-means (deeper_jax.cluster.hierarchical) on real Fashion-MNIST features."""
 import functools
-import gzip
-import os
-import sys
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from deeper_jax.clustering.hierarchical import hierarchical_kmeans  # noqa: E402
-from deeper_jax.clustering.kmeans import kmeans  # noqa: E402
-
-FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
+from deeper_jax.cluster.hierarchical import bucket_rows, hierarchical_kmeans
+from deeper_jax.cluster.kmeans import kmeans
+from deeper_jax.data import load_fashion_mnist
 
 
 @functools.lru_cache(maxsize=None)
 def features(n: int = 1200) -> np.ndarray:
   """First n real training images, 4x4-average-pooled to 7x7 = 49 dims."""
-  try:
-    from deeper_jax.data.fashion_mnist import load_fashion_mnist
-    images = load_fashion_mnist("train").images(np.arange(n))
-  except ImportError:  # the data package is optional for these tests
-    with gzip.open(os.path.join(FMNIST_DIR, "train-images-idx3-ubyte.gz")) as f:
-      images = np.frombuffer(f.read(16 + n * 784), np.uint8, offset=16)
+  images = load_fashion_mnist("train").images(np.arange(n))
   x = images.reshape(n, 7, 4, 7, 4).astype(np.float32).mean((2, 4)) / 255.0
   return x.reshape(n, 49)
 
@@ -101,3 +90,25 @@ def test_invalid_arguments():
     hierarchical_kmeans(x, 2, 0)
   with pytest.raises(ValueError, match=r"init must be one of"):
     hierarchical_kmeans(x, 2, 2, init="nope")
+
+
+def test_level_two_buffers_come_in_few_sizes_with_little_padding():
+  """Super-cluster sizes change every cycle; bucketed buffers keep the compilations few."""
+  sizes = range(16, 20_000)
+  buckets = {bucket_rows(n) for n in sizes}
+  assert all(n <= bucket_rows(n) <= n * 1.125 for n in sizes)
+  assert len(buckets) < 120
+  assert [bucket_rows(n) for n in (1, 7, 15)] == [1, 7, 15]
+
+
+def test_each_super_cluster_is_plain_kmeans_of_its_own_points():
+  """The zero-padded bucket buffer of level 2 changes nothing: same as k-means of the rows."""
+  from deeper_jax.cluster.hierarchical import _sub_seed
+  x = features()
+  r = hierarchical_kmeans(x, 3, 4, seed=5)
+  for c in range(3):
+    rows = np.flatnonzero(r.super_labels == c)
+    assert bucket_rows(len(rows)) > len(rows)  # padding really is present
+    alone = kmeans(x[rows], 4, seed=_sub_seed(5, c))
+    np.testing.assert_array_equal(r.sub_labels[rows], alone.assignments)
+    np.testing.assert_array_equal(r.sub_sizes[c], alone.sizes)

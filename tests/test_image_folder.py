@@ -6,13 +6,14 @@ import logging
 import os
 import pickle
 
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
-from deeper_jax.data import DatasetNotFoundError, ImageFolderSource, build_datasets
+from conftest import data_config
+from deeper_jax.data import ImageFolderSource, build_datasets
+from deeper_jax.errors import DatasetNotFoundError
 
 SIZE = 32
 
@@ -30,7 +31,16 @@ def jpeg_bytes(array, **kwargs) -> bytes:
 
 
 def expected_view(array, size=SIZE):
-  """Shorter side to `size`, centre square: the geometry the source promises."""
+  """The central square, resized to `size`: the geometry the source promises."""
+  height, width = array.shape[:2]
+  side = min(height, width)
+  top, left = (height - side) // 2, (width - side) // 2
+  box = (left, top, left + side, top + side)
+  return np.asarray(Image.fromarray(array).resize((size, size), Image.Resampling.BILINEAR, box=box))
+
+
+def torchvision_view(array, size=SIZE):
+  """Resize(size) then CenterCrop(size): resize the whole image first (what the paper does)."""
   image = Image.fromarray(array)
   width, height = image.size
   scale = size / min(width, height)
@@ -84,8 +94,11 @@ def test_decoded_photos_are_resized_and_centre_cropped(tree, photos):
   source = ImageFolderSource(str(tree), SIZE)
   batch = source.images(np.arange(len(source)))
   assert batch.shape == (7, SIZE, SIZE, 3) and batch.dtype == np.uint8
-  # PNG is lossless: exact match with the promised geometry.
-  np.testing.assert_array_equal(batch[1], expected_view(photos["china"][::2, ::2]))
+  # PNG is lossless: exact match with the promised geometry ...
+  half = photos["china"][::2, ::2]
+  np.testing.assert_array_equal(batch[1], expected_view(half))
+  # ... which is torchvision's Resize + CenterCrop up to a sub-pixel shift.
+  assert np.abs(batch[1].astype(int) - torchvision_view(half)).mean() < 1
   # JPEG (decoded in draft mode): close to the same view of the original pixels.
   assert np.abs(batch[0].astype(int) - expected_view(photos["china"])).mean() < 8
   assert np.abs(batch[3].astype(int) - expected_view(photos["flower"])).mean() < 8
@@ -207,9 +220,8 @@ def test_registry_image_folder_with_eval_dir(tree, tmp_path, photos):
     for name, photo in photos.items():
       (eval_dir / split / name).mkdir(parents=True)
       Image.fromarray(photo[photo_slice]).save(eval_dir / split / name / "0.png")
-  config = ml_collections.ConfigDict(dict(
-      name="image_folder", data_dir=str(tree), eval_dir=str(eval_dir), image_size=SIZE,
-      imbalance_ratio=10.0, max_train_images=5))
+  config = data_config(name="image_folder", data_dir=str(tree), eval_dir=str(eval_dir),
+                       image_size=SIZE, max_train_images=5)
   datasets = build_datasets(config)
   assert len(datasets.train) == 5 and datasets.train.labels is None
   assert datasets.labelled_train.class_names == ("china", "flower")
@@ -219,3 +231,8 @@ def test_registry_image_folder_with_eval_dir(tree, tmp_path, photos):
     build_datasets(config)
   config.eval_dir = ""
   assert build_datasets(config).test is None
+  # Images are decoded at data.load_size, in data.channels.
+  config.load_size, config.channels = SIZE + 8, 1
+  train = build_datasets(config).train
+  assert train.image_shape == (SIZE + 8, SIZE + 8, 1)
+  assert train.images(np.arange(2)).shape == (2, SIZE + 8, SIZE + 8, 1)

@@ -1,20 +1,15 @@
-"""k-means (deeper_jax.clustering.kmeans): what it must do, on real Fashion-MNIST features."""
+"""k-means (deeper_jax.cluster.kmeans): what it must do, on real Fashion-MNIST features."""
 import functools
-import gzip
-import os
 import re
-import sys
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from deeper_jax.cluster import kmeans as kmeans_lib
+from deeper_jax.cluster.kmeans import kmeans
+from deeper_jax.cluster.lloyd import SPLIT_EPS, split_empty_clusters
+from deeper_jax.data import load_fashion_mnist
 
-from deeper_jax.clustering import kmeans as kmeans_lib  # noqa: E402
-from deeper_jax.clustering.kmeans import kmeans  # noqa: E402
-from deeper_jax.clustering.lloyd import SPLIT_EPS, split_empty_clusters  # noqa: E402
-
-FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 # Most tests share one problem size so that they share one compilation.
 N, K = 2000, 25
 
@@ -22,14 +17,8 @@ N, K = 2000, 25
 @functools.lru_cache(maxsize=None)
 def _fmnist_train_pixels() -> np.ndarray:
   """Fashion-MNIST training images as uint8 [60000, 784] (read once per process)."""
-  try:
-    from deeper_jax.data.fashion_mnist import load_fashion_mnist
-    source = load_fashion_mnist("train")
-    images = source.images(np.arange(len(source)))
-  except ImportError:  # the data package is optional for these tests
-    with gzip.open(os.path.join(FMNIST_DIR, "train-images-idx3-ubyte.gz")) as f:
-      images = np.frombuffer(f.read(), np.uint8, offset=16)
-  return images.reshape(-1, 784)
+  source = load_fashion_mnist("train")
+  return source.images(np.arange(len(source))).reshape(-1, 784)
 
 
 @functools.lru_cache(maxsize=None)
@@ -58,21 +47,11 @@ def inertia(x, centroids, labels) -> float:
   return float(np.sum(diff * diff))
 
 
-def skip_unless_available(dot: str) -> None:
-  """bf16x3 needs an AMX CPU and g++; elsewhere its tests skip and say why."""
-  from deeper_jax.clustering import amx_dot
-  why = amx_dot.unavailable_reason() if dot == "bf16x3" else None
-  if why:
-    pytest.skip(f"AMX kernel unavailable: {why}")
-
-
-@pytest.mark.parametrize("dot", ["float32", "bf16x3"])
-def test_objective_matches_sklearn_lloyd_from_same_init(dot):
+def test_objective_matches_sklearn_lloyd_from_same_init():
   from sklearn.cluster import KMeans
-  skip_unless_available(dot)
   x = fmnist_features(N)
   c0 = distinct_rows(x, K)
-  ours = kmeans(x, K, num_iters=10, init_centroids=c0, dot=dot)
+  ours = kmeans(x, K, num_iters=10, init_centroids=c0)
   ref = KMeans(K, init=c0, n_init=1, max_iter=10, tol=0, algorithm="lloyd").fit(x)
   assert ours.objective == pytest.approx(ref.inertia_, rel=1e-4)
   assert np.mean(ours.assignments == ref.labels_) > 0.99
@@ -125,33 +104,28 @@ def test_kmeans_plus_plus_init_picks_distinct_points_and_is_deterministic():
   assert pp_obj < random_obj
 
 
-@pytest.mark.parametrize("dot", ["float32", "bf16x3"])
-def test_chunked_equals_unchunked(monkeypatch, dot):
-  skip_unless_available(dot)
+def test_chunked_equals_unchunked(monkeypatch):
   x = fmnist_features(N)
   c0 = distinct_rows(x, K)
   monkeypatch.setattr(kmeans_lib, "MAX_BLOCK_ROWS", 1 << 20)
-  whole = kmeans(x, K, init_centroids=c0, chunk_size=N, dot=dot)     # one block of all rows
-  chunked = kmeans(x, K, init_centroids=c0, chunk_size=37, dot=dot)  # 54 blocks and a tail
+  whole = kmeans(x, K, init_centroids=c0, chunk_size=N)     # one block of all rows
+  chunked = kmeans(x, K, init_centroids=c0, chunk_size=37)  # 54 blocks and a tail
   np.testing.assert_array_equal(whole.assignments, chunked.assignments)
   np.testing.assert_array_equal(whole.centroids, chunked.centroids)
   np.testing.assert_array_equal(whole.sizes, chunked.sizes)
   assert whole.objective == chunked.objective
 
 
-@pytest.mark.parametrize("dot", ["float32", "bf16x3"])
-def test_pruned_passes_give_exactly_the_plain_lloyd_result(monkeypatch, caplog, dot):
-  """Bounds (Yinyang) and the unmoved-centroid shortcut only skip provably idle work
-  (with either dot: each has its own error bound in the skip tests)."""
+def test_pruned_passes_give_exactly_the_plain_lloyd_result(caplog):
+  """Bounds (Yinyang) and the unmoved-centroid shortcut only skip provably idle work."""
   import logging as py_logging
   from absl import logging
-  skip_unless_available(dot)
   x = fmnist_features(N)
   c0 = distinct_rows(x, K)
   logging.set_verbosity(1)  # vlog(1) reports how many rows each pass skipped
   try:
     with caplog.at_level(py_logging.DEBUG):
-      pruned = kmeans(x, K, init_centroids=c0, num_iters=15, dot=dot)
+      pruned = kmeans(x, K, init_centroids=c0, num_iters=15)
   finally:
     logging.set_verbosity(logging.WARNING)
   work = [tuple(int(v) for v in re.search(
@@ -160,8 +134,7 @@ def test_pruned_passes_give_exactly_the_plain_lloyd_result(monkeypatch, caplog, 
   assert len(work) == 15
   assert sum(w[0] for w in work) > 0 and sum(w[1] for w in work) > 0  # both paths taken
   assert sum(w[2] for w in work) < 15 * N                               # real savings
-  monkeypatch.setattr(kmeans_lib, "PRUNE", False)
-  plain = kmeans(x, K, init_centroids=c0, num_iters=15, dot=dot)
+  plain = kmeans(x, K, init_centroids=c0, num_iters=15, prune=False)
   np.testing.assert_array_equal(pruned.assignments, plain.assignments)
   np.testing.assert_array_equal(pruned.centroids, plain.centroids)
   assert pruned.objective == plain.objective
@@ -170,28 +143,26 @@ def test_pruned_passes_give_exactly_the_plain_lloyd_result(monkeypatch, caplog, 
 def test_identical_results_on_1_and_8_devices(tmp_path):
   from conftest import run_with_devices
   code = """
-    import json, sys, numpy as np, jax
-    sys.path.insert(0, 'tests')
-    from test_kmeans import fmnist_features
-    from deeper_jax.clustering.kmeans import kmeans
+    import json, numpy as np, jax
+    from tests.test_kmeans import fmnist_features
+    from deeper_jax.cluster.kmeans import kmeans
     x = fmnist_features(1001)  # not a multiple of 8: the last shard has padding rows
     out = {'devices': jax.device_count()}
-    for init, dot in (('random', 'float32'), ('random', 'auto'), ('kmeans++', 'auto')):
-      r = kmeans(x, 13, seed=5, init=init, chunk_size=48, dot=dot)
-      np.save(f'OUT/{jax.device_count()}_{init}_{dot}.npy', r.centroids)
-      out[init + dot] = {'assignments': r.assignments.tolist(), 'objective': r.objective,
-                         'sizes': r.sizes.tolist()}
+    for init in ('random', 'kmeans++'):
+      r = kmeans(x, 13, seed=5, init=init, chunk_size=48)
+      np.save(f'OUT/{jax.device_count()}_{init}.npy', r.centroids)
+      out[init] = {'assignments': r.assignments.tolist(), 'objective': r.objective,
+                   'sizes': r.sizes.tolist()}
     print(json.dumps(out))
   """.replace("OUT", str(tmp_path))
   one, eight = run_with_devices(code, 1), run_with_devices(code, 8)
   assert (one["devices"], eight["devices"]) == (1, 8)
-  for init, dot in (("random", "float32"), ("random", "auto"), ("kmeans++", "auto")):
-    run = init + dot
-    assert one[run]["assignments"] == eight[run]["assignments"]
-    assert one[run]["sizes"] == eight[run]["sizes"]
-    assert one[run]["objective"] == eight[run]["objective"]
-    np.testing.assert_array_equal(np.load(tmp_path / f"1_{init}_{dot}.npy"),
-                                  np.load(tmp_path / f"8_{init}_{dot}.npy"))
+  for init in ("random", "kmeans++"):
+    assert one[init]["assignments"] == eight[init]["assignments"]
+    assert one[init]["sizes"] == eight[init]["sizes"]
+    assert one[init]["objective"] == eight[init]["objective"]
+    np.testing.assert_array_equal(np.load(tmp_path / f"1_{init}.npy"),
+                                  np.load(tmp_path / f"8_{init}.npy"))
 
 
 def test_jax_array_input_gives_the_numpy_result():
@@ -251,7 +222,8 @@ def test_split_copies_a_non_empty_centroid_plus_and_minus_eps():
      r"init_centroids has shape \(4, 32\)"),
     ({"k": 3, "init": "furthest"}, r"init must be one of \('random', 'kmeans\+\+'\)"),
     ({"k": 3, "chunk_size": 0}, r"chunk_size must be an integer >= 1"),
-    ({"k": 3, "dot": "fp16"}, r"dot must be one of \('auto', 'float32', 'bf16x3'\)"),
+    ({"k": 3, "num_iters": -1}, r"num_iters must be an integer >= 0"),
+    ({"k": 3, "num_valid": 201}, r"num_valid must be an integer in \[1, 200\]"),
 ])
 def test_invalid_arguments_raise_one_clear_error(kwargs, match):
   x = fmnist_features(200)
@@ -270,3 +242,18 @@ def test_non_finite_features_are_rejected(bad):
 def test_features_must_be_a_matrix():
   with pytest.raises(ValueError, match=r"x must be a 2-D \[N, d\] array"):
     kmeans(np.zeros(10, np.float32), 2)
+
+
+def test_rows_past_num_valid_are_padding_and_change_nothing():
+  """Level 2 of hierarchical k-means pads subsets to bucketed sizes (one compilation)."""
+  x = fmnist_features(N)
+  padded = np.concatenate([x[:1500], np.full((500, x.shape[1]), 1e3, np.float32)])
+  a = kmeans(x[:1500], K, seed=6)
+  b = kmeans(padded, K, seed=6, num_valid=1500)
+  assert b.assignments.shape == (1500,)
+  np.testing.assert_array_equal(a.assignments, b.assignments)
+  np.testing.assert_array_equal(a.sizes, b.sizes)
+  # The fixed-point format is sized on every row, padding included, so the last bits of
+  # the centroids may differ; the clustering may not.
+  assert b.objective == pytest.approx(a.objective, rel=1e-6)
+  np.testing.assert_allclose(b.centroids, a.centroids, atol=1e-5)

@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deeper_jax import heads as heads_lib
-from deeper_jax import losses
+from deeper_jax.train import heads as heads_lib
+from deeper_jax.train import losses
 
 
 def _log_softmax(z):
@@ -15,7 +15,8 @@ def _log_softmax(z):
 
 def _setup(num_super=8, b=5, dim=12, k=6, loss="hierarchical", seed=0):
   rng = np.random.default_rng(seed)
-  heads = heads_lib.init_heads(jax.random.key(seed), dim, num_super, k, loss, std=0.5)
+  heads = heads_lib.init_heads(jax.random.key(seed), dim, num_super, k, loss, "torch")
+  heads = jax.tree.map(lambda a: 3.0 * a, heads)  # logits of order 1: a non-trivial softmax
   feats = rng.normal(size=(num_super, b, dim)).astype(np.float32)
   sub = rng.integers(0, k, size=(num_super, b)).astype(np.int32)
   return heads, feats, sub
@@ -74,3 +75,28 @@ def test_rotation_of_a_slice_follows_its_super_class(num_rotations):
   out = np.asarray(augment.rotate_slices(jnp.asarray(x), num_rotations))
   for s in range(x.shape[0]):
     np.testing.assert_array_equal(out[s], np.rot90(x[s], k=s % num_rotations, axes=(1, 2)))
+
+
+def test_with_one_sub_cluster_the_loss_is_rotnets():
+  """m = 1, k_sub = 1 (RotNet, the warm-up): the sub-loss is identically zero."""
+  heads, feats, _ = _setup(num_super=4, k=1)
+  sub = np.zeros(feats.shape[:2], np.int32)
+  value, metrics = losses.hierarchical_loss(heads, jnp.asarray(feats), jnp.asarray(sub))
+  assert float(metrics["sub_loss"]) == 0.0 and float(metrics["sub_accuracy"]) == 1.0
+  assert float(value) == float(metrics["super_loss"]) > 0
+  grads = jax.grad(lambda h: losses.hierarchical_loss(h, feats, sub)[0])(heads)
+  assert np.all(np.asarray(grads["W"]["kernel"]) == 0)
+
+
+def test_accuracies_count_correct_argmaxes():
+  heads, feats, sub = _setup()
+  _, metrics = losses.hierarchical_loss(heads, jnp.asarray(feats), jnp.asarray(sub))
+  h = jax.tree.map(np.asarray, heads)
+  f = np.maximum(feats, 0)
+  super_pred = np.argmax(f @ h["V"]["kernel"] + h["V"]["bias"], -1)
+  sub_pred = np.argmax(np.einsum("sbd,sdk->sbk", f, h["W"]["kernel"])
+                       + h["W"]["bias"][:, None], -1)
+  expected_super = np.mean(super_pred == np.arange(feats.shape[0])[:, None])
+  np.testing.assert_allclose(float(metrics["super_accuracy"]), expected_super, rtol=1e-6)
+  np.testing.assert_allclose(float(metrics["sub_accuracy"]), np.mean(sub_pred == sub),
+                             rtol=1e-6)

@@ -1,4 +1,4 @@
-"""Backbones: shapes, parameter counts, train/eval behaviour, conv implementations."""
+"""Backbones: shapes, parameter names and counts, initialisation, train/eval behaviour."""
 
 import jax
 import jax.numpy as jnp
@@ -6,24 +6,33 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import fashion_mnist_images
-from deeper_jax.models import build_backbone, resolve_conv_impl
-
+from conftest import fashion_mnist_images, test_config
+from deeper_jax.models import build_backbone
 
 # torchvision.models.vgg16_bn() has 138,365,992 parameters (BatchNorm running statistics
 # are buffers, not parameters); dropping its last layer, Linear(4096, 1000), removes
 # 4096·1000 + 1000. test_vgg16_param_count_formula re-derives it from the layer table.
 TORCHVISION_VGG16_BN_WITHOUT_LAST_LAYER = 138_365_992 - (4096 * 1000 + 1000)
+VGG16_CONVS = ("conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3",
+               "conv4_1", "conv4_2", "conv4_3", "conv5_1", "conv5_2", "conv5_3")
 
 
-def config(name, **kw):
-  return ml_collections.ConfigDict(dict(name=name, **kw))
-
-
+def config(name, **fields):
+  """The default ``config.model`` as network ``name`` at its own width and feature size,
+  without Sobel, mean/std 0.5, then ``fields``."""
+  model = test_config("default").model
+  model.update(dict(name=name, width=0, feature_dim=0, sobel=False, mean=(0.5,), std=(0.5,)))
+  model.update(fields)
+  return model
 
 
 def param_count(tree) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def paths(tree) -> dict[str, tuple[int, ...]]:
+  return {"/".join(k.key for k in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +57,32 @@ def test_vgg16_bn_matches_torchvision_parameter_count_at_224():
   assert variables["params"]["fc6"]["kernel"].shape == (25088, 4096)
   # Running statistics live apart from the parameters: mean and var of 13 BN layers.
   assert param_count(variables["batch_stats"]) == 2 * 4224
+
+
+def test_parameter_names_are_those_of_existing_checkpoints():
+  """conv{i}_{j}/conv/{kernel,bias}, conv{i}_{j}/bn/{scale,bias} (+ mean/var), fc6, fc7."""
+  model = build_backbone(config("vgg16_bn", width=8, feature_dim=32, sobel=True))
+  variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  expected, stats, c_in = {}, {}, 2  # conv1_1 reads the two Sobel maps
+  for name, c_out in zip(VGG16_CONVS, (8, 8, 16, 16, 32, 32, 32, 64, 64, 64, 64, 64, 64)):
+    expected[f"{name}/conv/kernel"] = (3, 3, c_in, c_out)
+    expected[f"{name}/conv/bias"] = (c_out,)
+    expected[f"{name}/bn/scale"] = expected[f"{name}/bn/bias"] = (c_out,)
+    stats[f"{name}/bn/mean"] = stats[f"{name}/bn/var"] = (c_out,)
+    c_in = c_out
+  expected.update({"fc6/kernel": (64, 32), "fc6/bias": (32,),
+                   "fc7/kernel": (32, 32), "fc7/bias": (32,)})
+  assert set(variables) == {"params", "batch_stats"}
+  assert paths(variables["params"]) == expected
+  assert paths(variables["batch_stats"]) == stats
+
+
+def test_small_cnn_parameter_names():
+  model = build_backbone(config("small_cnn28", width=4, feature_dim=8))
+  params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+  assert sorted(params) == ["conv1_1", "conv2_1", "conv3_1", "fc6", "fc7"]
+  assert paths(params)["conv3_1/conv/kernel"] == (3, 3, 8, 16)
+  assert paths(params)["fc6/kernel"] == (3 * 3 * 16, 8)
 
 
 @pytest.mark.parametrize("name,shape,dim,blocks", [
@@ -84,10 +119,15 @@ def test_small_vgg_runs_on_32px_and_leading_axes_are_batch_axes():
 
 
 def test_features_are_fc7_before_relu(small):
+  """features = relu(fc6(flatten(last block)))·W7 + b7, recomputed here from the params."""
   model, variables, x = small
-  features, _ = jax.jit(model.apply)(variables, x)
-  assert (features < 0).any() and (features > 0).any()
-  assert np.isfinite(features).all()
+  features, blocks = jax.jit(model.apply)(variables, x)  # eval mode: no dropout
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
+  flat = np.asarray(blocks["conv3"], np.float64).reshape(len(x), -1)
+  h = np.maximum(flat @ p["fc6"]["kernel"] + p["fc6"]["bias"], 0.0)
+  expected = h @ p["fc7"]["kernel"] + p["fc7"]["bias"]
+  np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-5)
+  assert (expected < 0).any()  # a ReLU after fc7 would have visibly clipped these
 
 
 def test_conv_init_is_he_fan_out_and_bn_starts_as_identity(small):
@@ -97,7 +137,28 @@ def test_conv_init_is_he_fan_out_and_bn_starts_as_identity(small):
   np.testing.assert_allclose(kernel.std(), np.sqrt(2.0 / (9 * 128)), rtol=0.05)
   assert np.all(params["conv3_1"]["conv"]["bias"] == 0)
   assert np.all(params["conv3_1"]["bn"]["scale"] == 1)
-  np.testing.assert_allclose(np.asarray(params["fc6"]["kernel"]).std(), 0.01, rtol=0.05)
+  assert np.all(params["conv3_1"]["bn"]["bias"] == 0)
+
+
+@pytest.mark.parametrize("layer,fan_in", [("fc6", 3 * 3 * 128), ("fc7", 256)])
+def test_torch_fc_init_is_uniform_in_plus_minus_one_over_sqrt_fan_in(small, layer, fan_in):
+  _, variables, _ = small
+  p = variables["params"][layer]
+  assert p["kernel"].shape[0] == fan_in
+  bound = 1 / np.sqrt(fan_in)
+  for value in (np.asarray(p["kernel"]), np.asarray(p["bias"])):
+    assert np.abs(value).max() <= bound
+    assert np.abs(value).max() > 0.95 * bound      # fills the range ...
+    np.testing.assert_allclose(value.std(), bound / np.sqrt(3), rtol=0.1)  # ... uniformly
+
+
+def test_normal_fc_init_is_n_0_001_with_zero_bias():
+  model = build_backbone(config("small_cnn28", fc_init="normal"))
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+  for layer in ("fc6", "fc7"):
+    np.testing.assert_allclose(np.asarray(params[layer]["kernel"]).std(), 0.01, rtol=0.05)
+    assert abs(float(np.asarray(params[layer]["kernel"]).mean())) < 1e-3
+    assert np.all(params[layer]["bias"] == 0)
 
 
 def test_dropout_is_active_only_in_train_mode(small):
@@ -146,62 +207,6 @@ def test_normalisation_happens_inside_the_model(small):
                              rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name,shape", [
-    ("small_cnn28", (4, 28, 28, 1)),
-    ("alexnet_bn", (2, 67, 67, 3)),  # 11×11 stride 4, overlapping 3×3/2 pools
-    ("vgg16_bn", (8, 32, 32, 3)),  # 8: BatchNorm over the 1x1 last block is not degenerate
-])
-def test_conv_implementations_agree(name, shape):
-  """Width 16, so that the AMX kernels take every conv past the first (where present)."""
-  from deeper_jax.models import amx_conv
-  x = jnp.asarray(np.random.default_rng(1).uniform(size=shape), jnp.float32)
-  impls = ("xla", "patches", "hybrid") + (() if amx_conv.unavailable_reason() else ("amx",))
-  xla, *others = (build_backbone(config(name, width=16, feature_dim=16, conv_impl=c))
-                  for c in impls)
-  variables = jax.jit(xla.init)(jax.random.key(0), x)
-
-  def loss(model):
-    def f(p):
-      (feat, blocks), _ = model.apply({**variables, "params": p}, x, train=True,
-                                      mutable=["batch_stats"], rngs={"dropout": jax.random.key(0)})
-      return jnp.sum(feat ** 2), (feat, blocks)
-    return jax.jit(jax.value_and_grad(f, has_aux=True))(variables["params"])
-
-  (_, (f1, b1)), g1 = loss(xla)
-  for impl, other in zip(impls[1:], others):
-    (_, (f2, b2)), g2 = loss(other)
-    # amx's products carry ~1e-5 relative error (vs float32's ~1e-7); train-mode BN over
-    # tiny batches compounds it with depth: measured 6e-6 -> 1.2e-4 of max|block| from
-    # VGG's conv1 to conv5 blocks here.
-    tol = 5e-4 if impl == "amx" else 1e-4
-    np.testing.assert_allclose(f2, f1, rtol=tol, atol=tol * float(np.abs(f1).max()))
-    for k in b1:
-      np.testing.assert_allclose(b2[k], b1[k], rtol=tol, atol=tol * max(1.0, float(np.abs(b1[k]).max())))
-    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
-      np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-3 * float(np.abs(a).max()) + 1e-7)
-
-
-@pytest.mark.parametrize("side,routed", [(2, True), (4, True), (5, False)])
-def test_hybrid_runs_tiny_images_as_patches(side, routed):
-  """XLA CPU's conv kernel for tiny images is ~80x slower than im2col x GEMM (conv.py)."""
-  from deeper_jax.models.conv import SMALL_IMAGE, Conv2D
-  assert (side * side <= SMALL_IMAGE) == routed
-  layer = Conv2D(features=8, kernel_size=3, padding=1, conv_impl="hybrid")
-  x = jnp.ones((2, side, side, 4))
-  variables = layer.init(jax.random.key(0), x)
-  hlo = jax.jit(layer.apply).lower(variables, x).as_text()
-  assert ("convolution" in hlo) != routed
-  reference = Conv2D(features=8, kernel_size=3, padding=1, conv_impl="xla").apply(variables, x)
-  np.testing.assert_allclose(layer.apply(variables, x), reference, rtol=1e-5, atol=1e-5)
-
-
-def test_explicit_conv_impls_resolve_to_themselves():
-  for impl in ("xla", "patches", "hybrid"):
-    assert resolve_conv_impl(impl) == impl
-  with pytest.raises(ValueError, match="model.conv_impl must be one of"):
-    resolve_conv_impl("winograd")
-
-
 def test_bfloat16_compute_keeps_float32_params_and_features(small):
   _, variables, x = small
   model = build_backbone(config("small_cnn28", dtype="bfloat16"))
@@ -213,9 +218,8 @@ def test_bfloat16_compute_keeps_float32_params_and_features(small):
 
 @pytest.mark.parametrize("field,value,match", [
     ("name", "resnet50", "model.name"),
-    ("conv_impl", "winograd", "model.conv_impl"),
     ("dtype", "float16", "model.dtype"),
-    ("dropout", 1.0, "model.dropout"),
+    ("fc_init", "xavier", "model.fc_init"),
 ])
 def test_bad_config_fields_are_named_in_the_error(field, value, match):
   cfg = config("small_cnn28")
@@ -224,24 +228,16 @@ def test_bad_config_fields_are_named_in_the_error(field, value, match):
     build_backbone(cfg)
 
 
+@pytest.mark.parametrize("field", sorted(test_config("default").model))
+def test_every_model_field_is_read(field):
+  """Strict: a config missing any declared field is an error, not a silent default."""
+  cfg = config("small_cnn28").to_dict()
+  del cfg[field]
+  with pytest.raises((AttributeError, KeyError)):
+    build_backbone(ml_collections.ConfigDict(cfg))
+
+
 def test_mean_with_the_wrong_number_of_channels_is_rejected():
   model = build_backbone(config("small_cnn28", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)))
   with pytest.raises(ValueError, match="model.mean"):
     jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 28, 28, 2)))
-
-
-@pytest.mark.parametrize("kernel,stride,padding,channels", [
-    (3, 1, 1, 16), (3, 1, 0, 16), (5, 1, 2, 16),  # GEMM kernel gradient
-    (3, 1, 1, 3), (11, 4, 2, 16)])                 # XLA's (few channels, strided)
-def test_hybrid_conv_gradients_equal_xlas(kernel, stride, padding, channels):
-  from deeper_jax.models.conv import _xla_conv, hybrid_conv
-  rng = np.random.default_rng(2)
-  x = jnp.asarray(rng.normal(size=(2, 23, 19, channels)), jnp.float32)
-  k = jnp.asarray(rng.normal(size=(kernel, kernel, channels, 5)), jnp.float32)
-  loss = lambda conv: lambda x, k: jnp.sum(jnp.sin(conv(x, k, stride, padding)))
-  y1, y2 = hybrid_conv(x, k, stride, padding), _xla_conv(x, k, stride, padding)
-  np.testing.assert_array_equal(y1, y2)
-  g1 = jax.grad(loss(hybrid_conv), argnums=(0, 1))(x, k)
-  g2 = jax.grad(loss(_xla_conv), argnums=(0, 1))(x, k)
-  for a, b in zip(g1, g2):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

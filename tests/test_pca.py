@@ -1,29 +1,18 @@
-"""PCA-whitening + L2 (deeper_jax.clustering.pca) on real Fashion-MNIST pixels."""
+"""PCA-whitening + L2 (deeper_jax.reduce.pca) on real Fashion-MNIST pixels."""
 import functools
-import gzip
-import os
-import sys
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from deeper_jax.clustering.pca import (EIGENVALUE_FLOOR, apply_pca_whitening,  # noqa: E402
-                                       fit_pca_whitening, sample_rows, whitened)
-
-FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
+from deeper_jax.data import load_fashion_mnist
+from deeper_jax.reduce.pca import (EIGENVALUE_FLOOR, apply_pca_whitening, fit_pca_whitening,
+                                   sample_rows, whitened)
 
 
 @functools.lru_cache(maxsize=None)
 def pixels(n: int) -> np.ndarray:
   """The first n real Fashion-MNIST training images, float32 [n, 784] in [0, 1]."""
-  try:
-    from deeper_jax.data.fashion_mnist import load_fashion_mnist
-    images = load_fashion_mnist("train").images(np.arange(n))
-  except ImportError:  # the data package is optional for these tests
-    with gzip.open(os.path.join(FMNIST_DIR, "train-images-idx3-ubyte.gz")) as f:
-      images = np.frombuffer(f.read(16 + n * 784), np.uint8, offset=16)
+  images = load_fashion_mnist("train").images(np.arange(n))
   return images.reshape(n, -1).astype(np.float32) / 255.0
 
 
@@ -95,10 +84,9 @@ def test_refit_on_same_data_is_identical():
 def test_eight_devices_fit_the_same_whitening():
   from conftest import run_with_devices
   code = """
-    import json, sys, numpy as np
-    sys.path.insert(0, 'tests')
-    from test_pca import features
-    from deeper_jax.clustering.pca import fit_pca_whitening, apply_pca_whitening
+    import json, numpy as np
+    from tests.test_pca import features
+    from deeper_jax.reduce.pca import fit_pca_whitening, apply_pca_whitening
     x = features(1001)
     pca = fit_pca_whitening(x, 16, sample_size=777, seed=2)
     print(json.dumps(apply_pca_whitening(pca, x, chunk_size=50).tolist()))
@@ -126,3 +114,15 @@ def test_invalid_inputs_raise_clear_errors():
     apply_pca_whitening(pca, bad)
   with pytest.raises(ValueError, match=r"zero variance"):
     fit_pca_whitening(np.ones((10, 4), np.float32), 2)
+
+
+def test_fit_on_a_sample_is_the_fit_on_those_rows():
+  x = features()
+  rows = sample_rows(len(x), 700, seed=4)
+  assert len(np.unique(rows)) == 700 and np.all(np.diff(rows) > 0)
+  sampled = fit_pca_whitening(x, 16, sample_size=700, seed=4)
+  direct = fit_pca_whitening(x[rows], 16)
+  np.testing.assert_allclose(sampled.mean, direct.mean, atol=1e-6)
+  np.testing.assert_allclose(sampled.projection, direct.projection, rtol=1e-4, atol=1e-4)
+  other = fit_pca_whitening(x, 16, sample_size=700, seed=5)
+  assert not np.allclose(other.mean, sampled.mean)

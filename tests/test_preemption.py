@@ -4,7 +4,7 @@ import signal
 
 import pytest
 
-from deeper_jax import preemption
+from deeper_jax.runtime import preemption
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

@@ -2,17 +2,13 @@
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from conftest import fashion_mnist_images
+from conftest import fashion_mnist_images, test_config
 from deeper_jax.models import build_backbone, fold_sobel, sobel
-from deeper_jax.models.sobel import FIRST_CONV, SOBEL_X, SOBEL_Y
-
-
-
+from deeper_jax.models.sobel import FIRST_CONV, SOBEL_X, SOBEL_Y, fold_kernel
 
 
 def rgb_images(n: int, size: int) -> np.ndarray:
@@ -22,8 +18,19 @@ def rgb_images(n: int, size: int) -> np.ndarray:
   return np.clip(np.stack([x, 0.8 * x + 0.1, 1.0 - 0.6 * x], axis=-1), 0.0, 1.0)
 
 
-def config(name, **kw):
-  return ml_collections.ConfigDict(dict(name=name, **kw))
+def config(name, **fields):
+  """The default ``config.model`` as network ``name`` without Sobel, then ``fields``."""
+  model = test_config("default").model
+  model.update(dict(name=name, sobel=False, mean=(0.5,), std=(0.5,)))
+  model.update(fields)
+  return model
+
+
+def conv(x, kernel, padding):
+  """Stride-1 cross-correlation of NHWC images with an HWIO kernel, zero padding."""
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((padding, padding),) * 2,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                      precision=jax.lax.Precision.HIGHEST)
 
 
 def test_sobel_kernels_are_the_papers():
@@ -126,14 +133,14 @@ def test_folded_network_equals_the_original_everywhere(name, images, train):
     np.testing.assert_allclose(fblocks[name_], b, atol=1e-5 * np.abs(b).max(), rtol=1e-5)
 
 
-def test_fold_sobel_default_channels_follow_the_mean_and_dicts_work():
+def test_fold_sobel_default_channels_follow_the_mean():
   x = jnp.asarray(fashion_mnist_images(2))
-  cfg = dict(name="small_cnn28", width=4, feature_dim=8, sobel=True)
+  cfg = config("small_cnn28", width=4, feature_dim=8, sobel=True)
   model = build_backbone(cfg)
   variables = jax.jit(model.init)(jax.random.key(0), x)
   folded_cfg, folded_vars = fold_sobel(cfg, variables)  # mean (0.5,) → 1 channel
   assert folded_vars["params"][FIRST_CONV]["conv"]["kernel"].shape[2] == 1
-  assert cfg["sobel"] and not folded_cfg["sobel"]
+  assert cfg.sobel and not folded_cfg.sobel and folded_cfg.folded_sobel
   np.testing.assert_allclose(jax.jit(build_backbone(folded_cfg).apply)(folded_vars, x)[0],
                              jax.jit(model.apply)(variables, x)[0], atol=1e-5)
 
@@ -147,13 +154,11 @@ def test_fold_sobel_rejects_a_network_without_sobel():
 
 def test_why_the_sobel_map_is_padded_wider_than_the_image():
   """Naive SAME→SAME folds only in the interior; our pad-(p+1)/VALID stack folds exactly."""
-  from deeper_jax.models.conv import _xla_conv
-  from deeper_jax.models.sobel import fold_kernel
   x = jnp.asarray(fashion_mnist_images(2) - 0.5)  # normalised: the border is not zero
   w1 = jnp.asarray(np.random.default_rng(0).normal(size=(3, 3, 2, 4)), jnp.float32)
-  folded = _xla_conv(x, jnp.asarray(fold_kernel(np.asarray(w1), 1)), 1, 2)
-  ours = _xla_conv(sobel(x, pad=2), w1, 1, 0)
-  naive = _xla_conv(sobel(x, pad=1), w1, 1, 1)
+  folded = conv(x, jnp.asarray(fold_kernel(np.asarray(w1), 1)), 2)
+  ours = conv(sobel(x, pad=2), w1, 0)
+  naive = conv(sobel(x, pad=1), w1, 1)
   np.testing.assert_allclose(ours, folded, atol=1e-4)
   np.testing.assert_allclose(naive[:, 1:-1, 1:-1], folded[:, 1:-1, 1:-1], atol=1e-4)
   assert np.abs(np.asarray(naive - folded)[:, 0]).max() > 0.1  # the border ring differs

@@ -16,8 +16,9 @@ from deeper_jax.reduce import pca as pca_lib
 
 
 def needs_clustering(method_config) -> bool:
-  """False for RotNet (one super-cluster of one sub-cluster): nothing to cluster."""
-  return method_config.num_super_clusters * method_config.num_sub_clusters > 1
+  """False for RotNet (one super-cluster of one sub-cluster) and for training on labels."""
+  return (method_config.targets == "clusters"
+          and method_config.num_super_clusters * method_config.num_sub_clusters > 1)
 
 
 def cluster_seed(seed: int, cycle: int) -> int:
@@ -50,6 +51,8 @@ def cluster_backbone(model, variables, source, config, *, cycle: int, mesh,
   n = len(source)
   if not needs_clustering(method):
     zeros = np.zeros((n,), np.int32)
+    if method.targets == "labels":  # the supervised bound: classes as the one sub-level
+      return {"super_labels": zeros, "sub_labels": np.asarray(source.labels, np.int32)}, {}
     return {"super_labels": zeros, "sub_labels": zeros}, {}
 
   feats = features_lib.extract_features(
@@ -80,7 +83,9 @@ def cluster_backbone(model, variables, source, config, *, cycle: int, mesh,
     metrics["nmi_previous_cycle"] = float(normalized_mutual_info_score(
         flat_labels(previous["super_labels"], previous["sub_labels"], num_sub), labels))
   if source.labels is not None:
-    metrics["nmi_labels"] = float(normalized_mutual_info_score(source.labels, labels))
+    labelled = np.asarray(source.labels) >= 0  # -1: an unlabelled image, not a class
+    metrics["nmi_labels"] = float(normalized_mutual_info_score(source.labels[labelled],
+                                                               labels[labelled]))
   logging.info("cycle %d clustering: %s", cycle,
                ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
   return clusters, metrics

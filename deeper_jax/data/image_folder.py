@@ -9,12 +9,15 @@ format and quality. Decisions, and why:
   cluster assignments refer to it.
 * **Corrupt files are data, not bugs.** Uncurated collections always hold some
   broken files. Files that PIL cannot even identify (random bytes, HTML saved
-  as .jpg, empty files) are dropped at scan time — a header read, cheap — and
-  listed in ``skipped``. Files that identify but fail to decode later
-  (truncated JPEGs) are handled at read time: the image is replaced by the next
-  decodable image of the folder order (of the same class when labelled), the
-  file is added to ``skipped``, and a warning is logged. The replacement
-  depends only on which files decode, so it is the same on every host.
+  as .jpg, empty files), dangling symlinks, non-regular files (FIFOs) and
+  decompression bombs (more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels) are
+  dropped at scan time — a header read, cheap — and listed in ``skipped``.
+  Files that identify but fail to decode later (truncated JPEGs, files changed
+  or deleted after the scan) are handled at read time: the image is replaced by
+  the next decodable image of the folder order (of the same class when
+  labelled), the file is added to ``skipped``, and a warning is logged. The
+  replacement depends only on which files decode, so it is the same on every
+  host. Nothing a file contains can stop a run (tests/test_image_folder_breakage.py).
 * **Labels only when asked.** ``labels_from_subdirs=True`` maps the first
   sub-folder under ``root`` to a class id (sorted names, like torchvision's
   ImageFolder); pre-training never reads labels.
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import stat
 import threading
 from typing import Sequence
 
@@ -72,12 +76,20 @@ def _walk(root: str, extensions: tuple[str, ...]) -> tuple[list[str], int]:
 def _header_problem(path: str) -> str | None:
   """Why ``path`` is not a usable image judging from its header, or ``None``."""
   try:
-    if os.path.getsize(path) == 0:
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode):
+      return "not a regular file"
+    if info.st_size == 0:
       return "empty file"
     with Image.open(path) as image:
       width, height = image.size
       if width <= 0 or height <= 0:
         return f"invalid size {image.size}"
+      imaging.check_pixels(image)
+  except FileNotFoundError as e:
+    if os.path.islink(path):
+      return f"dangling symlink to {os.readlink(path)!r}"
+    return f"{type(e).__name__}: {e}"
   except Exception as e:  # pylint: disable=broad-except  # PIL raises many types
     return f"{type(e).__name__}: {e}"
   return None
@@ -235,7 +247,10 @@ class ImageFolderSource:
   def _decode_substitute(self, index: int) -> np.ndarray:
     """The first decodable image after ``index`` in folder order (same class if labelled)."""
     if index in self._substitute:
-      return imaging.decode_file(self.paths[self._substitute[index]], self._size, self._channels)
+      # The substitute may have broken since (changed on disk): then search again.
+      image = self._try_decode(self._substitute[index])
+      if image is not None:
+        return image
     n = len(self.paths)
     for step in range(1, n):
       other = (index + step) % n

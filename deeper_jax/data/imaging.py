@@ -5,8 +5,25 @@ images of varying size (photo folders, tfds datasets such as ImageNet) are
 brought to a square ``size x size``: shorter side resized to ``size``, then a
 centre crop. This is the evaluation-style view the paper's feature extraction
 uses (resize + centre crop), and it keeps the whole image content centred.
+
+Real photo collections hold every oddity PIL can open, so the conversions here
+are explicit about what PIL would otherwise get wrong or make expensive:
+
+* The central square is cut *before* resizing (one PIL resize with a source
+  box): a 1×3000 banner never becomes a 28×84000 intermediate.
+* 16-bit (and 32-bit integer) grayscale is scaled to 8 bits; PIL's own
+  ``convert('L')`` clips everything above 255 to white.
+* Transparent images (RGBA, LA, palettes with a transparent colour) are
+  composited onto white, the background they were made to be shown on; dropping
+  alpha would show whatever colour the invisible pixels happen to hold.
+* Images above ``PIL.Image.MAX_IMAGE_PIXELS`` are refused before decoding. PIL
+  itself raises only above twice that and merely warns in between; a
+  decompression bomb must not be decoded at all.
 """
 from __future__ import annotations
+
+import os
+import stat
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -22,36 +39,72 @@ def pil_mode(channels: int) -> str:
   return _MODES[channels]
 
 
-def to_mode(image: Image.Image, channels: int) -> Image.Image:
-  """Converts to RGB / L; transparent images lose alpha via an RGBA step.
+_WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+BACKGROUND = (255, 255, 255, 255)  # what transparent pixels become
 
-  Going through RGBA first makes palette images with a transparency colour
-  convert without PIL's "palette images with transparency" warning path.
+
+def check_pixels(image: Image.Image) -> None:
+  """Raises ``DecompressionBombError`` above ``MAX_IMAGE_PIXELS`` (PIL only warns up to 2×)."""
+  limit = Image.MAX_IMAGE_PIXELS
+  width, height = image.size
+  if limit is not None and width * height > limit:
+    raise Image.DecompressionBombError(
+        f"{width}x{height} = {width * height} pixels exceeds PIL.Image.MAX_IMAGE_PIXELS={limit}: "
+        "possible decompression bomb, not decoded.")
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+  """16-bit / 32-bit integer grayscale as 8-bit 'L', scaled (PIL's convert clips at 255).
+
+  ``I;16*`` spans 0..65535. Mode ``I`` is 32-bit, but in practice holds 16-bit
+  samples (PNG, TIFF): it is scaled as 16-bit when any value exceeds 255, and
+  kept as it is (clipped to 0..255) otherwise.
   """
+  if image.mode not in _WIDE_GRAY_MODES:
+    return image
+  array = np.asarray(image).astype(np.int64)
+  if image.mode != "I" or array.max(initial=0) > 255:
+    array = (np.clip(array, 0, 65535) * 255 + 32767) // 65535  # round(v / 257)
+  return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), "L")
+
+
+def _has_alpha(image: Image.Image) -> bool:
+  if image.mode in _ALPHA_MODES or "transparency" in image.info:
+    return True
+  return image.mode == "P" and image.palette is not None and image.palette.mode == "RGBA"
+
+
+def to_mode(image: Image.Image, channels: int) -> Image.Image:
+  """Converts to RGB / L: wide grayscale scaled to 8 bits, transparency composited on white."""
   mode = pil_mode(channels)
+  image = to_8bit(image)
   if image.mode == mode:
     return image
-  if image.mode in ("P", "PA", "LA") or "transparency" in image.info:
+  if _has_alpha(image):
     image = image.convert("RGBA")
+    image = Image.alpha_composite(Image.new("RGBA", image.size, BACKGROUND), image)
   return image.convert(mode)
 
 
 def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
-  """Shorter side to ``size`` (bilinear, antialiased), then the central square."""
+  """The central square (side = shorter side), resized to ``size`` (bilinear, antialiased).
+
+  One resize with a source box: memory stays ``O(size^2)`` whatever the aspect
+  ratio. Same view as "shorter side to ``size``, then centre crop" up to a
+  sub-pixel shift of the crop.
+  """
   if size <= 0:
     raise ValueError(f"image_size must be a positive integer, got {size!r}.")
   width, height = image.size
-  if (width, height) != (size, size):
-    scale = size / min(width, height)
-    # max(size, ...) guards against rounding the shorter side below `size`.
-    new_w = max(size, round(width * scale))
-    new_h = max(size, round(height * scale))
-    if (new_w, new_h) != (width, height):
-      image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
-    left = (new_w - size) // 2
-    top = (new_h - size) // 2
-    image = image.crop((left, top, left + size, top + size))
-  return image
+  if (width, height) == (size, size):
+    return image
+  side = min(width, height)
+  left, top = (width - side) // 2, (height - side) // 2
+  box = (left, top, left + side, top + side)
+  if side == size:
+    return image.crop(box)
+  return image.resize((size, size), Image.Resampling.BILINEAR, box=box)
 
 
 def pil_to_array(image: Image.Image, channels: int) -> np.ndarray:
@@ -70,9 +123,14 @@ def decode_file(path: str, size: int, channels: int) -> np.ndarray:
   Uses JPEG draft mode (DCT-domain downscaling by 1/2..1/8, never below the
   requested size) so that large photos decode several times faster, honours the
   EXIF orientation of camera photos, and raises on truncated or corrupt data
-  (PIL's default: ``LOAD_TRUNCATED_IMAGES`` is left False).
+  (PIL's default: ``LOAD_TRUNCATED_IMAGES`` is left False), on images above
+  ``MAX_IMAGE_PIXELS`` and on paths that are not regular files (a FIFO named
+  ``.jpg`` would block the reader forever).
   """
+  if not stat.S_ISREG(os.stat(path).st_mode):
+    raise OSError(f"{path} is not a regular file")
   with Image.open(path) as image:
+    check_pixels(image)
     image.draft(None, (size, size))  # no-op for formats other than JPEG
     image.load()
     image = ImageOps.exif_transpose(image)

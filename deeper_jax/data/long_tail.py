@@ -20,6 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
+from deeper_jax.data.sources import UNLABELLED
+
 
 def long_tail_sizes(class_counts: Sequence[int], imbalance_ratio: float) -> np.ndarray:
   """Kept images per rank: head keeps all its images, sizes fall geometrically.
@@ -50,7 +52,8 @@ def long_tail_indices(labels: np.ndarray, imbalance_ratio: float = 10.0, seed: i
     seed: picks which images of each class are kept (uniformly, without
       replacement); the class sizes do not depend on it.
     class_order: classes from head to tail; default ascending label order.
-      Classes not listed are dropped.
+      Classes not listed are dropped, and so are unlabelled images (label -1,
+      ``sources.UNLABELLED``): the tail is a property of classes.
 
   Returns:
     ``int64`` indices into ``labels``, sorted (so the subset keeps the original
@@ -60,7 +63,9 @@ def long_tail_indices(labels: np.ndarray, imbalance_ratio: float = 10.0, seed: i
   if labels.ndim != 1 or labels.size == 0 or not np.issubdtype(labels.dtype, np.integer):
     raise ValueError(
         f"labels must be a non-empty 1-D integer array, got {labels.dtype} {labels.shape}.")
-  present = np.unique(labels)
+  present = np.unique(labels[labels != UNLABELLED])
+  if present.size == 0:
+    raise ValueError("labels has no labelled image (all are -1); a long tail needs classes.")
   if class_order is None:
     order = present
   else:

@@ -10,19 +10,27 @@
 Every source returns square ``uint8`` images of side ``data.load_size`` (0 = the
 network's ``data.image_size``): the training step draws its random crops from them
 and the extraction takes their centre ``image_size`` square (deeper_jax/augment.py).
-``data.seed`` picks which images the long-tail and ``max_*`` subsets keep, apart
-from the training seed, so that runs with different seeds train on the same images.
+``data.seed`` picks which images the long-tail and ``max_*`` subsets keep (and the
+uncurated set's duplicates and clutter, and the validation split), apart from the
+training seed, so that runs with different seeds train on the same images.
+
+``data.validation_size > 0`` (Fashion-MNIST datasets only) holds out a stratified
+sample of the train split as the ``test`` source (``validation.py``): it is removed
+from ``labelled_train`` and from ``train``, and the real test split is not read.
 """
 from __future__ import annotations
 
 import os
 from typing import Any, Callable, NamedTuple
 
+import numpy as np
+
+from deeper_jax.data import uncurated, validation
 from deeper_jax.data.digits import load_digits
 from deeper_jax.data.fashion_mnist import load_fashion_mnist
 from deeper_jax.data.image_folder import ImageFolderSource
 from deeper_jax.data.long_tail import long_tail_indices
-from deeper_jax.data.sources import Source, random_subset, resized
+from deeper_jax.data.sources import ArraySource, Source, random_subset, resized
 from deeper_jax.errors import ConfigError, DatasetNotFoundError
 
 
@@ -37,13 +45,52 @@ def load_size(data_config: Any) -> int:
   return int(data_config.load_size or data_config.image_size)
 
 
-def _fashion_mnist(data_config: Any, long_tail: bool) -> Datasets:
-  train = load_fashion_mnist("train", data_config.data_dir, download=data_config.download)
-  test = load_fashion_mnist("test", data_config.data_dir, download=data_config.download)
-  labelled_train = train
-  if long_tail:
+def _fashion_mnist_splits(data_config: Any) -> tuple[ArraySource, np.ndarray, ArraySource]:
+  """(labelled train split, its indices in the 60k train images, evaluation split).
+
+  The evaluation split is the test split, or the validation images held out of
+  the train split when ``validation_size > 0`` (then the test split is not read).
+  """
+  load = lambda split: load_fashion_mnist(split, data_config.data_dir,
+                                          download=data_config.download)
+  full = load("train")
+  size = data_config.validation_size
+  if not size:
+    return full, np.arange(len(full)), load("test")
+  if size > len(full) // 2:
+    raise ConfigError(
+        f"config.data.validation_size={size} would hold out more than half of the "
+        f"{len(full)} Fashion-MNIST train images; use at most {len(full) // 2}.")
+  held_out = validation.stratified_indices(full.labels, size, seed=data_config.seed)
+  kept = np.setdiff1d(np.arange(len(full)), held_out)
+  return full.subset(kept), kept, full.subset(held_out)
+
+
+def _uncurated_fractions(data_config: Any) -> tuple[float, float]:
+  duplicates, clutter = data_config.duplicate_fraction, data_config.clutter_fraction
+  for field, value in (("duplicate_fraction", duplicates), ("clutter_fraction", clutter)):
+    if not 0 <= value < 1:
+      raise ConfigError(f"config.data.{field}={value!r} must lie in [0, 1).")
+  if duplicates + clutter >= 1:
+    raise ConfigError(
+        f"config.data.duplicate_fraction + config.data.clutter_fraction = {duplicates} + "
+        f"{clutter} must be < 1: the rest of the uncurated set are the Fashion-MNIST images.")
+  return duplicates, clutter
+
+
+def _fashion_mnist(data_config: Any, variant: str) -> Datasets:
+  """``variant``: 'balanced' (the train split), 'longtail' or 'uncurated' (uncurated.py)."""
+  if variant == "uncurated":
+    duplicates, clutter = _uncurated_fractions(data_config)
+  labelled_train, origin, test = _fashion_mnist_splits(data_config)
+  train = labelled_train
+  if variant != "balanced":
     keep = long_tail_indices(train.labels, data_config.imbalance_ratio, seed=data_config.seed)
-    train = train.subset(keep)
+    train, origin = train.subset(keep), origin[keep]
+  if variant == "uncurated":
+    train = uncurated.make_uncurated(train, duplicate_fraction=duplicates,
+                                     clutter_fraction=clutter, seed=data_config.seed,
+                                     origin=origin)
   size = load_size(data_config)
   return Datasets(resized(train, size), resized(labelled_train, size), resized(test, size))
 
@@ -105,15 +152,21 @@ def _tfds(data_config: Any) -> Datasets:
   return Datasets(train, labelled, test if test is not None and test.labels is not None else None)
 
 
-GRAYSCALE = ("fashion_mnist", "fashion_mnist_longtail", "digits")
+FASHION_MNIST = ("fashion_mnist", "fashion_mnist_longtail", "fashion_mnist_uncurated")
+GRAYSCALE = FASHION_MNIST + ("digits",)
 # config.data.name -> builder of the un-subsetted sources.
 DATASETS: dict[str, Callable[[Any], Datasets]] = {
-    "fashion_mnist": lambda data_config: _fashion_mnist(data_config, long_tail=False),
-    "fashion_mnist_longtail": lambda data_config: _fashion_mnist(data_config, long_tail=True),
+    "fashion_mnist": lambda data_config: _fashion_mnist(data_config, "balanced"),
+    "fashion_mnist_longtail": lambda data_config: _fashion_mnist(data_config, "longtail"),
+    "fashion_mnist_uncurated": lambda data_config: _fashion_mnist(data_config, "uncurated"),
     "digits": _digits,
     "image_folder": _image_folder,
     "tfds": _tfds,
 }
+
+
+def _capped(source: Source | None, max_images: int, seed: int) -> Source | None:
+  return None if source is None else random_subset(source, max_images, seed)
 
 
 def build_datasets(data_config: Any) -> Datasets:
@@ -121,12 +174,19 @@ def build_datasets(data_config: Any) -> Datasets:
   if data_config.name not in DATASETS:
     raise ConfigError(f"config.data.name={data_config.name!r} is not a known dataset; use one "
                       f"of {', '.join(DATASETS)}.")
+  for field in ("max_train_images", "max_eval_images"):
+    if data_config[field] < 0:
+      raise ConfigError(f"config.data.{field}={data_config[field]} must be >= 0 (0 = all images).")
+  if data_config.validation_size < 0:
+    raise ConfigError(f"config.data.validation_size={data_config.validation_size} must be >= 0 "
+                      "(0 = evaluate on the test split).")
+  if data_config.validation_size and data_config.name not in FASHION_MNIST:
+    raise ConfigError(
+        f"config.data.validation_size={data_config.validation_size} is only for the "
+        f"Fashion-MNIST datasets ({', '.join(FASHION_MNIST)}), not "
+        f"config.data.name={data_config.name!r}; set it to 0.")
   datasets = DATASETS[data_config.name](data_config)
-  seed = data_config.seed
-  train = random_subset(datasets.train, data_config.max_train_images, seed)
-  labelled, test = datasets.labelled_train, datasets.test
-  if labelled is not None:
-    labelled = random_subset(labelled, data_config.max_eval_images, seed + 1)
-  if test is not None:
-    test = random_subset(test, data_config.max_eval_images, seed + 2)
-  return Datasets(train, labelled, test)
+  seed, max_eval = data_config.seed, data_config.max_eval_images
+  return Datasets(_capped(datasets.train, data_config.max_train_images, seed),
+                  _capped(datasets.labelled_train, max_eval, seed + 1),
+                  _capped(datasets.test, max_eval, seed + 2))

@@ -14,27 +14,35 @@ every *non-empty* sub-cluster gets an equal share of the super-class's samples
 random), and images are drawn inside their sub-cluster.
 
 Epoch length, as the reference code: ``N`` samples overall, each image seen about
-once per epoch under one rotation (``src/utils.py``: ``epoch_size = N // m // 4``
-samples for each of the 4m training groups). The N samples are split evenly over
-the ``S`` super-classes and rounded up to whole steps:
-``steps = ceil(N / (S * b))``, ``steps * b`` samples per slice. So super-classes are
-also sampled uniformly, whatever their sizes.
+once per epoch (``src/utils.py``: ``epoch_size = N // m // 4`` samples for each of
+the 4m training groups). The N samples are split evenly over the ``S``
+super-classes and rounded up to whole steps: ``steps = ceil(N / (S * b))``,
+``steps * b`` samples per slice. So super-classes are also sampled uniformly,
+whatever their sizes.
 
-Inside a sub-cluster whose share ``q`` exceeds its size ``n``, the reference
-draws with replacement. We instead take every member ``q // n`` times plus a
-uniform subset (without replacement) of ``q % n`` members: the same expected
-counts, but every image of a small cluster is seen and no image is repeated
-more than needed. A sub-cluster larger than its share gets a uniform subset
-without replacement.
+The ``R`` rotations of one super-cluster are drawn *together*: the ``R * steps * b``
+samples of super-cluster ``c`` are drawn at once (equal shares per sub-cluster),
+then dealt out to its ``R`` slices, each slice again getting an equal share (±1)
+of every sub-cluster. The reference draws each group independently (with
+replacement), so an image can be seen under several rotations and another under
+none; dealing one joint draw means that with balanced clusters every image is
+seen once or twice per epoch.
+
+Inside a sub-cluster whose (joint) share ``q`` exceeds its size ``n``, the
+reference draws with replacement. We instead take every member ``q // n`` times
+plus a uniform subset (without replacement) of ``q % n`` members: the same
+expected counts, but every image of a small cluster is seen and no image is
+repeated more than needed. A sub-cluster larger than its share gets a uniform
+subset without replacement.
 
 Empty super-cluster: the reference k-means never returns one when ``N >= m``
 (it splits a non-empty cluster instead), and a slice must hold images of *its*
 super-cluster, so an empty one is an upstream bug and raises ``ValueError``
 rather than being silently filled with other images.
 
-Determinism: slice ``s`` draws from ``np.random.default_rng([seed, phase, cycle,
-epoch, s])``, so the plan is a pure function of its arguments (a resumed run
-replays it exactly) and slices are independent streams.
+Determinism: super-cluster ``c`` draws from ``np.random.default_rng([seed, phase,
+cycle, epoch, c])``, so the plan is a pure function of its arguments (a resumed
+run replays it exactly) and super-clusters are independent streams.
 """
 from __future__ import annotations
 
@@ -70,34 +78,66 @@ def _check_args(super_labels, sub_labels, num_super_clusters, num_rotations, bat
     raise ValueError(
         f"super_labels must lie in [0, num_super_clusters={num_super_clusters}), got range "
         f"[{super_labels.min()}, {super_labels.max()}].")
-  if sub_labels.min() < 0:
-    raise ValueError(f"sub_labels must be non-negative, got min {sub_labels.min()}.")
+  if sub_labels.min() < -1:
+    raise ValueError(f"sub_labels must be ≥ 0, or -1 for an image without a target; got min "
+                     f"{sub_labels.min()}.")
+  if (sub_labels < 0).all():
+    raise ValueError("every sub_label is -1: no image has a target to train on.")
   if super_labels.size >= 2**31:
     raise ValueError(f"epoch_plan returns int32 indices; {super_labels.size} images is too many.")
   return super_labels.astype(np.int64), sub_labels.astype(np.int64)
 
 
-def _draw_slice(rng: np.random.Generator, members: np.ndarray, group: np.ndarray,
-                sizes: np.ndarray, starts: np.ndarray, total: int) -> np.ndarray:
-  """``total`` image indices, an equal share (±1) from each group, shuffled.
+def _shares(rng: np.random.Generator, num_groups: int, num_rotations: int,
+            per_slice: int) -> np.ndarray:
+  """``int64 [R, G]``: samples of each sub-cluster in each rotation's slice.
+
+  Every row sums to ``per_slice`` with entries ``per_slice // G`` or one more. The
+  ``e = per_slice % G`` extras of rotation ``r`` go to positions ``r*e .. r*e+e-1``
+  (cyclically) of one random order of the groups, so the column totals (the joint
+  draw of each sub-cluster) also differ by at most one.
+  """
+  shares = np.full((num_rotations, num_groups), per_slice // num_groups, np.int64)
+  extra = per_slice % num_groups
+  if extra:
+    order = rng.permutation(num_groups)
+    for r in range(num_rotations):
+      shares[r, order[(r * extra + np.arange(extra)) % num_groups]] += 1
+  return shares
+
+
+def _draw_super_cluster(rng: np.random.Generator, members: np.ndarray, group: np.ndarray,
+                        sizes: np.ndarray, starts: np.ndarray, num_rotations: int,
+                        per_slice: int) -> np.ndarray:
+  """``[R, per_slice]`` image indices: one joint draw dealt to the R slices, each shuffled.
 
   ``members`` are the images of one super-cluster sorted by sub-cluster;
   ``group[i]`` is the (dense) sub-cluster of ``members[i]``, ``sizes``/``starts``
   describe the groups. Vectorised over groups: k_sub can be ~10^5.
   """
-  num_groups = len(sizes)
-  shares = np.full(num_groups, total // num_groups, np.int64)
-  shares[rng.choice(num_groups, size=total % num_groups, replace=False)] += 1
-  tiles, rest = shares // sizes, shares % sizes
-  whole = np.repeat(members, tiles[group])
-  # Uniform subset without replacement of size rest[g] in each group g: rank
-  # members by a random key within their group, keep ranks < rest[g].
+  shares = _shares(rng, len(sizes), num_rotations, per_slice)
+  totals = shares.sum(axis=0)
+  tiles, rest = totals // sizes, totals % sizes
+  # Every member tiles[g] times, plus a uniform subset without replacement of
+  # rest[g] members of each group g: rank members by a random key within their
+  # group, keep ranks < rest[g].
   order = np.lexsort((rng.random(len(members)), group))
   rank = np.arange(len(members)) - starts[group[order]]
-  part = members[order][rank < rest[group[order]]]
-  drawn = np.concatenate([whole, part])
-  rng.shuffle(drawn)
-  return drawn
+  keep = rank < rest[group[order]]
+  drawn = np.concatenate([np.repeat(members, tiles[group]), members[order][keep]])
+  drawn_group = np.concatenate([np.repeat(group, tiles[group]), group[order][keep]])
+  # Random order inside each group, then deal: the first shares[0, g] of group g
+  # go to rotation 0, the next shares[1, g] to rotation 1, ...
+  order = np.lexsort((rng.random(len(drawn)), drawn_group))
+  drawn, drawn_group = drawn[order], drawn_group[order]
+  group_start = np.r_[0, np.cumsum(totals)[:-1]]
+  position = np.arange(len(drawn)) - group_start[drawn_group]
+  bounds = np.cumsum(shares, axis=0)  # [R, G]
+  rotation = (position[None, :] >= bounds[:, drawn_group]).sum(axis=0)
+  out = np.empty((num_rotations, per_slice), np.int64)
+  for r in range(num_rotations):
+    out[r] = rng.permutation(drawn[rotation == r])
+  return out
 
 
 def epoch_plan(super_labels: np.ndarray, sub_labels: np.ndarray, *, num_super_clusters: int,
@@ -108,7 +148,9 @@ def epoch_plan(super_labels: np.ndarray, sub_labels: np.ndarray, *, num_super_cl
   Args:
     super_labels: ``[N]`` level-1 cluster of each image, in ``[0, m)``.
     sub_labels: ``[N]`` level-2 cluster of each image, local to its
-      super-cluster (any non-negative ids; only non-empty ones are sampled).
+      super-cluster (any non-negative ids; only non-empty ones are sampled);
+      -1 marks an image without a target (e.g. unlabelled when training on labels),
+      which is never sampled and not counted in the epoch's N.
     num_super_clusters: ``m``.
     num_rotations: ``R`` (4, or 1 without the rotation task).
     batch_per_super: ``b``, images per super-class per step.
@@ -121,7 +163,8 @@ def epoch_plan(super_labels: np.ndarray, sub_labels: np.ndarray, *, num_super_cl
   super_labels, sub_labels = _check_args(super_labels, sub_labels, num_super_clusters,
                                          num_rotations, batch_per_super, seed, phase, cycle,
                                          epoch)
-  num_images = super_labels.size
+  targets = np.flatnonzero(sub_labels >= 0)
+  num_images = targets.size
   steps = steps_per_epoch(num_images, num_super_clusters=num_super_clusters,
                           num_rotations=num_rotations, batch_per_super=batch_per_super)
   per_slice = steps * batch_per_super
@@ -129,7 +172,7 @@ def epoch_plan(super_labels: np.ndarray, sub_labels: np.ndarray, *, num_super_cl
   plan = np.empty((steps, num_slices, batch_per_super), np.int32)
 
   # Images sorted by (super, sub); each super-cluster is then one contiguous run.
-  order = np.lexsort((sub_labels, super_labels))
+  order = targets[np.lexsort((sub_labels[targets], super_labels[targets]))]
   sorted_super, sorted_sub = super_labels[order], sub_labels[order]
   super_bounds = np.searchsorted(sorted_super, np.arange(num_super_clusters + 1))
   empty = np.flatnonzero(np.diff(super_bounds) == 0)
@@ -146,9 +189,9 @@ def epoch_plan(super_labels: np.ndarray, sub_labels: np.ndarray, *, num_super_cl
     group = np.cumsum(is_start) - 1  # dense id of the non-empty sub-cluster
     starts = np.flatnonzero(is_start)
     sizes = np.diff(np.r_[starts, len(members)])
+    rng = np.random.default_rng([seed, phase, cycle, epoch, cluster])
+    drawn = _draw_super_cluster(rng, members, group, sizes, starts, num_rotations, per_slice)
     for rotation in range(num_rotations):
       s = num_rotations * cluster + rotation
-      rng = np.random.default_rng([seed, phase, cycle, epoch, s])
-      drawn = _draw_slice(rng, members, group, sizes, starts, per_slice)
-      plan[:, s, :] = drawn.reshape(steps, batch_per_super)
+      plan[:, s, :] = drawn[rotation].reshape(steps, batch_per_super)
   return plan

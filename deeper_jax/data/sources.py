@@ -7,7 +7,9 @@ not stream. Every source has:
 * ``len(src)``; ``src.images(indices) -> uint8 [n, H, W, C]`` (and
   ``src[i] -> uint8 [H, W, C]`` so grain-style loaders can use it);
 * ``src.labels``: ``int32 [N]`` or ``None`` (uncurated data has no labels; where
-  labels exist they are for evaluation only, pre-training never reads them);
+  labels exist they are for evaluation only, pre-training never reads them).
+  ``UNLABELLED`` (-1) marks one image without a label in a partly labelled set
+  (the clutter of 'fashion_mnist_uncurated'); it is not a class;
 * ``src.image_shape`` ``(H, W, C)`` and ``src.num_classes`` (or ``None``);
 * ``src.subset(indices)`` -> a source over those images, labels kept.
 
@@ -21,6 +23,8 @@ from typing import Protocol, Sequence, runtime_checkable
 import numpy as np
 
 from deeper_jax.data import imaging
+
+UNLABELLED = -1  # the label of an image that has none, in a partly labelled set
 
 
 @runtime_checkable
@@ -62,7 +66,11 @@ def as_indices(indices, length: int, what: str = "indices") -> np.ndarray:
 
 def check_labels(labels, length: int,
                  num_classes: int | None = None) -> tuple[np.ndarray | None, int | None]:
-  """Labels as read-only ``int32 [length]`` and the class count (inferred if ``None``)."""
+  """Labels as read-only ``int32 [length]`` and the class count (inferred if ``None``).
+
+  Labels are class ids ``0 .. num_classes - 1``, or ``UNLABELLED`` (-1) for an image
+  without a label; ``num_classes`` counts only the real classes.
+  """
   if labels is None:
     if num_classes is not None:
       raise ValueError("num_classes was given but labels is None; pass labels or drop num_classes.")
@@ -73,9 +81,10 @@ def check_labels(labels, length: int,
   if length and not np.issubdtype(labels.dtype, np.integer):
     raise ValueError(f"labels must be integers, got dtype {labels.dtype}.")
   labels = labels.astype(np.int32)
-  if length and labels.min() < 0:
-    raise ValueError(f"labels must be non-negative class ids, got min {labels.min()}.")
-  inferred = int(labels.max()) + 1 if length else 0
+  if length and labels.min() < UNLABELLED:
+    raise ValueError(f"labels must be non-negative class ids, or {UNLABELLED} for an image "
+                     f"without a label; got min {labels.min()}.")
+  inferred = max(int(labels.max()) + 1, 0) if length else 0
   if num_classes is None:
     num_classes = inferred
   elif num_classes < inferred:

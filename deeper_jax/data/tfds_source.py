@@ -176,6 +176,16 @@ class TfdsSource:
     return self._labels
 
   @property
+  def name(self) -> str:
+    """The tfds dataset name (``config.data.tfds_name``)."""
+    return self._name
+
+  @property
+  def split(self) -> str:
+    """The tfds split string this source reads, e.g. ``'train[:10%]'``."""
+    return self._split
+
+  @property
   def image_shape(self) -> tuple[int, int, int]:
     return self._shape
 

@@ -31,7 +31,6 @@ import optax
 from absl import logging
 
 
-
 class ProbeResult(NamedTuple):
   test_top1: float
   train_top1: float

@@ -1,10 +1,10 @@
 """Average pooling of conv activations below ~10k dims, for the linear probes.
 
-Two rules:
+The paper (§5, after Zhang et al.) probes every conv layer with a linear classifier
+and, "to reduce the influence of feature dimension", average-pools each activation
+"until its dimension is below 10k". Two rules do that here.
 
-* ``pool_to_dim`` / ``pool_features`` (the fast probe, evaluate/probe.py). The paper (§5, after Zhang et al.) probes every conv block with a linear
-classifier and, "to reduce the influence of feature dimension", average-pools
-each activation "until its dimension is below 10k". Our rule, precisely:
+* ``pool_to_dim`` / ``pool_features``, for the fast probe (evaluate/probe.py):
 
   *Adaptive* average pooling (PyTorch ``AdaptiveAvgPool2d`` bins: output cell
   ``i`` of an axis of length ``h`` averages rows ``floor(i*h/s) ..
@@ -96,8 +96,6 @@ def pool_features(x: jax.Array, max_dim: int = 10_000) -> jax.Array:
   """Pools an NHWC activation by :func:`pool_to_dim` and flattens it to [N, d]."""
   ph, pw, _ = pool_to_dim(x.shape[1:], max_dim)
   return adaptive_avg_pool(x, (ph, pw)).reshape(x.shape[0], -1)
-
-
 
 
 # eval_linear.py's RegLog windows for VGG-16 at 224 px: (side, channels) -> av.

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import jax.numpy as jnp
 
+from deeper_jax.models import initializers
 from deeper_jax.models.backbone import Backbone, ConvSpec, Stage
 
 # VGG config "D" (Simonyan & Zisserman), as in the DeeperCluster reference: 13 convs.
@@ -68,6 +69,9 @@ def build_backbone(model_config: Any) -> Backbone:
     raise ValueError(f"model.name must be one of {sorted(ARCHITECTURES)}, got {name!r}.")
   if model_config.dtype not in DTYPES:
     raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {model_config.dtype!r}.")
+  if model_config.fc_init not in initializers.LINEAR_INITS:
+    raise ValueError(f"model.fc_init must be one of {initializers.LINEAR_INITS}, got "
+                     f"{model_config.fc_init!r}.")
   stages_fn, default_width, default_dim = ARCHITECTURES[name]
   return Backbone(
       stages=stages_fn(int(model_config.width) or default_width),

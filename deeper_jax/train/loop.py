@@ -20,8 +20,6 @@ import time
 import jax
 import numpy as np
 from absl import logging
-from clu import metric_writers
-from clu import periodic_actions
 
 from deeper_jax import config_checks
 from deeper_jax import evaluate
@@ -105,8 +103,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """Pre-trains per ``config`` in ``workdir`` (resuming if possible), then evaluates."""
   wall_start = time.time()
   # --- Check everything that can be checked before any compute -----------------
+  config_checks.check_config(config, jax.device_count())
   model = models.build_backbone(config.model)
-  config_checks.check_config(config, model, jax.device_count())
   with workdir_lib.lock(workdir):
     workdir_lib.check_config(workdir, config)
     datasets = data_registry.build_datasets(config.data)
@@ -122,8 +120,6 @@ def _train_and_evaluate(config, workdir, model, datasets, item_ids, fingerprint,
   train_source = datasets.train
   channels = train_source.image_shape[-1]
   tcfg = config.train
-  writer = metric_writers.create_default_writer(workdir,
-                                                just_logging=jax.process_index() > 0)
   tx, head_tx = step_lib.make_optimizer(tcfg), step_lib.make_optimizer(tcfg)
   phases = [_Phase(i, p, model, config, tx, head_tx)
             for i, p in enumerate(schedule.phases(config))]
@@ -146,6 +142,10 @@ def _train_and_evaluate(config, workdir, model, datasets, item_ids, fingerprint,
     workdir_lib.write_manifest(workdir, item_ids)
     progress = _initial_progress(fingerprint)
     state, clusters = phases[0].place(phases[0].template(variables)), {}
+  # clu's writers and hooks import TensorFlow: only once the run is known to go ahead.
+  from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
+  writer = metric_writers.create_default_writer(workdir,
+                                                just_logging=jax.process_index() > 0)
   if jax.process_index() == 0 and restored is None:
     writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()})
   base_rng = jax.random.key(config.seed)
@@ -182,12 +182,12 @@ def _train_and_evaluate(config, workdir, model, datasets, item_ids, fingerprint,
           progress.update(clustered=True, epoch=0, step_in_epoch=0)
           progress["history"].append({"phase": current.phase.name, "cycle": cycle,
                                       "step": int(state.step), **metrics})
-          if metrics:
+          if metrics:  # a real clustering (not RotNet's single cluster): keep it
             writer.write_scalars(int(state.step), {f"clustering/{k}": v
                                                    for k, v in metrics.items()})
-          save()
-          if stop.requested():
-            return {"stopped": stop.signal_name}
+            save()
+            if stop.requested():
+              return {"stopped": stop.signal_name}
 
         # 6: train T epochs on the pseudo-labels.
         sub_labels = clusters["sub_labels"]
@@ -201,7 +201,6 @@ def _train_and_evaluate(config, workdir, model, datasets, item_ids, fingerprint,
           logging.info("%s cycle %d epoch %d: %d steps", current.phase.name, cycle, epoch,
                        len(plan))
           pending, first_pending = [], int(state.step)
-          epoch_losses = []
           for i in range(progress["step_in_epoch"], len(plan)):
             batch = device_batch(train_source, plan[i], sub_labels, batch_shardings)
             state, metrics = train_step(state, batch, base_rng)
@@ -218,17 +217,18 @@ def _train_and_evaluate(config, workdir, model, datasets, item_ids, fingerprint,
               records = [jax.tree.map(float, m) for m in jax.device_get(pending)]
               _check_finite(records, first_pending + 1, ckpt.latest())
               mean = {k: float(np.mean([r[k] for r in records])) for k in records[0]}
-              epoch_losses.append((len(records), mean["loss"]))
+              count, total = progress.get("epoch_loss_sum", (0, 0.0))  # survives a resume
+              progress["epoch_loss_sum"] = (count + len(records),
+                                            total + sum(r["loss"] for r in records))
               writer.write_scalars(global_step, {f"train/{k}": v for k, v in mean.items()})
               pending, first_pending = [], global_step
             if save_now and not done_epoch:
               save()
               if stop.requested():
                 return {"stopped": stop.signal_name}
-          if epoch_losses:
-            progress["history"][-1].setdefault("epoch_loss", []).append(
-                float(np.average([l for _, l in epoch_losses],
-                                 weights=[n for n, _ in epoch_losses])))
+          count, total = progress.pop("epoch_loss_sum", (0, 0.0))
+          if count:
+            progress["history"][-1].setdefault("epoch_loss", []).append(total / count)
           progress.update(epoch=epoch + 1, step_in_epoch=0)
           cycle_done = progress["epoch"] == current.phase.epochs_per_cycle
           if cycle_done:  # next: a new clustering
@@ -247,8 +247,7 @@ def _train_and_evaluate(config, workdir, model, datasets, item_ids, fingerprint,
       state = following.place(state_lib.start_phase(
           {"params": state.params, "batch_stats": state.batch_stats}, state.step, config,
           following.method, tx, head_tx, phase=following.index))
-      clusters = {}
-      save()
+      clusters = {}  # no save: the switch is redone, identically, from the last checkpoint
   writer.flush()
   ckpt.close()
 
@@ -312,8 +311,7 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 def evaluate_workdir(config, workdir: str) -> dict:
   """``--mode eval``: the evaluators on a workdir's newest checkpoint (or an export)."""
-  model = models.build_backbone(config.model)
-  config_checks.check_config(config, model, jax.device_count())
+  config_checks.check_config(config, jax.device_count())
   datasets = data_registry.build_datasets(config.data)
   config_checks.check_against_data(config, datasets)
   model, variables = export.trained_backbone(config, workdir, datasets.train.image_shape[-1])
@@ -329,6 +327,5 @@ def evaluate_workdir(config, workdir: str) -> dict:
 
 def export_workdir(config, workdir: str) -> str:
   """``--mode export``: the newest checkpoint's backbone, Sobel folded, to <workdir>/export."""
-  model = models.build_backbone(config.model)
-  config_checks.check_config(config, model, jax.device_count())
+  config_checks.check_config(config, jax.device_count())
   return export.export_workdir(config, workdir, data_registry.image_channels(config.data))

@@ -37,6 +37,7 @@ def rotnet(method) -> ml_collections.ConfigDict:
   warmup = copy.deepcopy(method)
   warmup.num_rotations, warmup.num_super_clusters, warmup.num_sub_clusters = 4, 1, 1
   warmup.loss = "hierarchical"
+  warmup.targets = "clusters"
   warmup.rotnet_warmup_epochs = 0
   return warmup
 

@@ -1,6 +1,7 @@
 """The train state: what it holds, how it starts, and how it changes between cycles."""
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -20,11 +21,17 @@ class TrainState(struct.PyTreeNode):
   head_opt_state: Any   # head optimiser: reset with the heads
 
 
+@functools.lru_cache(maxsize=8)
+def _init_fn(model, image_size: int, channels: int):
+  """The compiled init of ``model`` for one input size (compiled once, reused)."""
+  dummy = jnp.zeros((1, image_size, image_size, channels), jnp.float32)
+  return jax.jit(lambda rng: model.init(rng, dummy, train=False))
+
+
 def init_variables(model, config, channels: int) -> dict:
   """Backbone variables for the config's seed (also the 'random init' baseline)."""
   rng = jax.random.fold_in(jax.random.key(config.seed), 0)
-  dummy = jnp.zeros((1, config.data.image_size, config.data.image_size, channels), jnp.float32)
-  return dict(jax.jit(lambda r: model.init(r, dummy, train=False))(rng))
+  return dict(_init_fn(model, config.data.image_size, channels)(rng))
 
 
 def fresh_heads(config, method, *, phase: int, cycle: int) -> dict:
