@@ -23,7 +23,9 @@ def check_features(x, name: str = "x") -> tuple[int, int]:
     raise ValueError(f"{name} must have at least one row and one column, got shape {tuple(shape)}.")
   if not jnp.issubdtype(x.dtype, jnp.number) or jnp.issubdtype(x.dtype, jnp.complexfloating):
     raise ValueError(f"{name} must hold real numbers, got dtype {x.dtype}.")
-  finite = bool(jnp.isfinite(x).all()) if isinstance(x, jax.Array) else bool(np.isfinite(x).all())
+  values = getattr(x, "array", x)  # Rows: the global array (its padding rows are zeros)
+  finite = (bool(jnp.isfinite(values).all()) if isinstance(values, jax.Array)
+            else bool(np.isfinite(values).all()))
   if not finite:
     raise ValueError(f"{name} contains NaN or inf values; remove or repair those rows first.")
   return n, d

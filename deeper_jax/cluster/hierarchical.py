@@ -20,6 +20,11 @@ is as parallel as level 1 and the total work is the same as one flat pass. At th
 paper's scale (64 GPUs, m=4) each super-cluster would instead run on its own group
 of devices (the ``super`` mesh axis) concurrently; with one host and a handful of
 devices the loop is the simpler equivalent.
+
+Many processes: ``x`` stays split over the devices of every process
+(:class:`~deeper_jax.cluster.layout.Rows`); a super-cluster's points are moved
+into their own bucketed matrix by :func:`~deeper_jax.cluster.layout.gather_rows`
+(device to device, bits unchanged), and every process receives the labels.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from jax.sharding import Mesh
 
 from deeper_jax.cluster import checks
 from deeper_jax.cluster.kmeans import kmeans
+from deeper_jax.cluster.layout import as_rows, gather_rows
 
 
 class HierarchicalResult(NamedTuple):
@@ -62,6 +68,8 @@ def hierarchical_kmeans(x, num_super: int, num_sub: int, *, num_iters: int = 10,
                         ) -> HierarchicalResult:
   """Super-clusters over all rows of ``x`` [N, d], then sub-clusters inside each.
 
+  ``x``: a numpy or jax matrix, or :class:`Rows` (then ``mesh`` is theirs).
+
   ``progress(iteration, objective)`` is called after every Lloyd iteration of every
   k-means run (level 1, then each super-cluster in turn).
   """
@@ -69,10 +77,10 @@ def hierarchical_kmeans(x, num_super: int, num_sub: int, *, num_iters: int = 10,
   checks.check_num_clusters(num_super, n, "num_super")
   checks.check_positive(num_sub, "num_sub")
   checks.check_init(init)
-  host_x = np.asarray(x, np.float32)
+  rows_x = as_rows(x, mesh)
 
   # One super-cluster: its centroid is the mean, one iteration finds it.
-  top = kmeans(host_x, num_super, num_iters=num_iters if num_super > 1 else min(num_iters, 1),
+  top = kmeans(rows_x, num_super, num_iters=num_iters if num_super > 1 else min(num_iters, 1),
                seed=seed, init=init, chunk_size=chunk_size, mesh=mesh, progress=progress)
   super_labels = top.assignments.astype(np.int32)
   sub_labels = np.zeros(n, np.int32)
@@ -84,11 +92,10 @@ def hierarchical_kmeans(x, num_super: int, num_sub: int, *, num_iters: int = 10,
     if k_c == 0:
       continue
     if num_super == 1:  # DeepCluster's flat k-means: the same call as kmeans(x, k_sub, seed)
-      part = kmeans(host_x, k_c, num_iters=num_iters, seed=seed, init=init,
-                    chunk_size=chunk_size, mesh=mesh, progress=progress)
+      part = kmeans(rows_x, k_c, num_iters=num_iters, seed=seed, init=init,
+                    chunk_size=chunk_size, progress=progress)
     else:
-      subset = np.zeros((bucket_rows(len(rows)), host_x.shape[1]), np.float32)
-      subset[:len(rows)] = host_x[rows]
+      subset = gather_rows(rows_x, rows, bucket_rows(len(rows)))
       part = kmeans(subset, k_c, num_iters=num_iters, seed=_sub_seed(seed, c), init=init,
                     chunk_size=chunk_size, mesh=mesh, progress=progress, num_valid=len(rows))
     sub_labels[rows] = part.assignments

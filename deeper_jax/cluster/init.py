@@ -15,27 +15,32 @@ from absl import logging
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from deeper_jax.cluster.layout import RowLayout, shard_index
+from deeper_jax.cluster.layout import RowLayout, Rows, rows_to_hosts, shard_index
 from deeper_jax.runtime.mesh import DATA_AXES
 
 
 def _gather_rows(x, rows: np.ndarray) -> np.ndarray:
+  if isinstance(x, Rows):
+    return rows_to_hosts(x, rows).astype(np.float32)
   if isinstance(x, jax.Array):
     return np.asarray(x[jnp.asarray(rows)], np.float32)
   return np.asarray(x[rows], np.float32)
 
 
-def random_points(x, k: int, seed: int) -> np.ndarray:
+def random_points(x, k: int, seed: int, num_rows: int | None = None) -> np.ndarray:
   """``k`` random rows, drawn without replacement and distinct in *content*.
 
   The reference draws k row ids without replacement; on data with repeated rows
   (duplicated images) that gives identical centroids, ties, and empty clusters from
   the first iteration. So we draw a shuffled pool of rows, keep each content's first
   occurrence in draw order, and take the first k. The pool starts at ~2k rows and
-  becomes every row only when duplicates are rife. With fewer than k distinct rows
-  in the data, duplicates fill the rest (some clusters must then end up empty).
+  becomes every row (read a pool at a time, until k distinct rows are found) only
+  when duplicates are rife. With fewer than k distinct rows in the data, duplicates
+  fill the rest (some clusters must then end up empty). Draws among the first
+  ``num_rows`` rows (default: all); only the drawn rows are read, so ``x`` may be
+  :class:`Rows` spread over many processes.
   """
-  n = x.shape[0]
+  n = x.shape[0] if num_rows is None else num_rows
   rng = np.random.default_rng(seed)
   pool = min(n, 2 * k + 64)
   order = rng.choice(n, size=pool, replace=False)
@@ -44,8 +49,10 @@ def random_points(x, k: int, seed: int) -> np.ndarray:
   if len(first) < k and pool < n:
     rest = np.setdiff1d(np.arange(n), order)
     order = np.concatenate([order, rng.permutation(rest)])
-    rows = _gather_rows(x, order)
-    _, first = np.unique(rows, axis=0, return_index=True)
+    while len(first) < k and len(rows) < len(order):
+      rows = np.concatenate([rows, _gather_rows(x, order[len(rows):len(rows) + pool])])
+      _, first = np.unique(rows, axis=0, return_index=True)
+    order = order[:len(rows)]
   keep = np.sort(first)[:k]
   if len(keep) < k:
     logging.warning("only %d distinct rows for k=%d: some initial centroids repeat.",

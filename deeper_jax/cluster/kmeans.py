@@ -12,6 +12,9 @@ lloyd.py run inside ``jax.shard_map`` over ``DATA_AXES``. An iteration:
    cluster between the integer sums. Padding rows are masked by global row id.
 
 Memory per device: O(N*(d + t)/devices + k*d + chunk*k), t <= 64 bound groups.
+Given :class:`~deeper_jax.cluster.layout.Rows` (features already split over the
+devices of every process), no process ever holds more than its own rows; the
+labels and per-row distances ([N] each) are all-gathered to every process at the end.
 After ``num_iters`` iterations the assignment is final (the last reassign is the
 "final assignment pass"); it gives labels, sizes and the objective (sum of squared
 distances: scikit-learn's ``inertia_``).
@@ -40,7 +43,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from deeper_jax.cluster import assign, checks, fixed_point, init as init_lib, lloyd
-from deeper_jax.cluster.layout import plan_rows, put_rows, resolve_mesh
+from deeper_jax.cluster.layout import Rows, plan_rows, put_rows, resolve_mesh, to_hosts
 from deeper_jax.runtime.mesh import replicated
 
 # Rows per assignment block at most (also capped by ``chunk_size``). Besides the GEMM,
@@ -69,7 +72,8 @@ def kmeans(x, k: int, *, num_iters: int = 10, seed: int = 0, init: str = "random
   """Clusters the rows of ``x`` [N, d] into ``k`` clusters with Lloyd's algorithm.
 
   Args:
-    x: numpy or jax array [N, d] of finite features (cast to float32).
+    x: numpy or jax array [N, d] of finite features (cast to float32), or
+      :class:`Rows` split over the mesh's devices (the multi-process case).
     k: number of clusters, ``1 <= k <= N``.
     num_iters: Lloyd iterations (assign + update) before the final assignment.
     seed: drives initialisation and empty-cluster splits; same seed, same result.
@@ -102,7 +106,7 @@ def kmeans(x, k: int, *, num_iters: int = 10, seed: int = 0, init: str = "random
   if init_centroids is not None:
     init_centroids = checks.check_centroids(init_centroids, k, d)
 
-  mesh = resolve_mesh(mesh)
+  mesh = x.mesh if isinstance(x, Rows) else resolve_mesh(mesh)
   layout = plan_rows(rows, mesh.size, min(chunk_size, MAX_BLOCK_ROWS))
   xs = put_rows(x, mesh, layout)
   # Sums follow rows in and out of clusters: up to 2 * chunk * period row updates
@@ -112,7 +116,8 @@ def kmeans(x, k: int, *, num_iters: int = 10, seed: int = 0, init: str = "random
   if init_centroids is not None:
     centroids = init_centroids
   elif init == "random":
-    centroids = init_lib.random_points(x[:n], k, seed)
+    centroids = init_lib.random_points(x if isinstance(x, Rows) else x[:n], k, seed,
+                                       num_rows=n)
   else:
     centroids = init_lib.kmeans_plus_plus(xs, n, mesh, layout, k, seed)
   # Internally, centroids are ordered so that runs of ids are close in space (the
@@ -142,11 +147,11 @@ def kmeans(x, k: int, *, num_iters: int = 10, seed: int = 0, init: str = "random
       if progress is not None:
         progress(it, float(objective))
   _, dist, sizes = objective_of(xs, state, centroids, valid)
-  dist = np.asarray(dist)[:n]
+  dist = to_hosts(dist)[:n]
   out_centroids = np.empty((k, d), np.float32)
   out_centroids[order] = np.asarray(centroids)
   out_sizes = np.empty(k, np.int32)
   out_sizes[order] = np.asarray(sizes)
   return KMeansResult(centroids=out_centroids,
-                      assignments=order[np.asarray(state["a"])[:n]].astype(np.int32),
+                      assignments=order[to_hosts(state["a"])[:n]].astype(np.int32),
                       objective=float(np.sum(dist, dtype=np.float64)), sizes=out_sizes)

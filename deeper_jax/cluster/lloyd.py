@@ -295,9 +295,16 @@ def kernels(mesh: Mesh, layout: RowLayout, spec: assign.TileSpec, low_bits: int,
 def initial_state(mesh: Mesh, layout: RowLayout, spec: assign.TileSpec, k: int, d: int) -> dict:
   """State before the first pass: no row assigned (id k), every row will be scored."""
   rows, shards = layout.padded_rows, layout.num_shards
-  arrays = {"a": np.full(rows, k, np.int32), "best": np.full(rows, np.inf, np.float32),
-            "exact": np.zeros(rows, bool),
-            "bounds": np.full((rows, spec.bound_groups), -np.inf, np.float32),
-            "high": np.zeros((shards * k, d), np.int32), "low": np.zeros((shards * k, d), np.int32),
-            "counts": np.zeros(shards * k, np.int32)}
-  return {name: jax.device_put(v, rows_sharding(mesh)) for name, v in arrays.items()}
+  fills = {"a": ((rows,), k, np.int32), "best": ((rows,), np.inf, np.float32),
+           "exact": ((rows,), False, bool),
+           "bounds": ((rows, spec.bound_groups), -np.inf, np.float32),
+           "high": ((shards * k, d), 0, np.int32), "low": ((shards * k, d), 0, np.int32),
+           "counts": ((shards * k,), 0, np.int32)}
+
+  def constant(shape, value, dtype):
+    # Each process builds only its own shards (on many hosts no host holds all rows).
+    def shard(index):
+      return np.full(tuple(len(range(n)[i]) for n, i in zip(shape, index)), value, dtype)
+    return jax.make_array_from_callback(shape, rows_sharding(mesh), shard)
+
+  return {name: constant(*fill) for name, fill in fills.items()}

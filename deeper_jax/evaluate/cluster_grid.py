@@ -67,9 +67,8 @@ def save_cluster_grids(images, cluster_labels, path: str, *, num_random: int = 4
   large dataset is never loaded whole; ``cluster_labels``: [N] ints. Returns
   the (role, cluster id, size) of the panels drawn. Reproducible with ``seed``.
   """
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  # A Figure, not pyplot: no global backend switch (notebooks keep inline plots).
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
 
   labels = np.asarray(cluster_labels).reshape(-1)
   count = len(images)
@@ -84,8 +83,8 @@ def save_cluster_grids(images, cluster_labels, path: str, *, num_random: int = 4
   panels = len(chosen)
   panel_cols = min(3, panels)
   panel_rows = math.ceil(panels / panel_cols)
-  fig, axes = plt.subplots(panel_rows, panel_cols, squeeze=False,
-                           figsize=(3.2 * panel_cols, 3.5 * panel_rows), dpi=100)
+  fig = Figure(figsize=(3.2 * panel_cols, 3.5 * panel_rows), dpi=100)
+  axes = fig.subplots(panel_rows, panel_cols, squeeze=False)
   for ax in axes.flat:
     ax.axis("off")
   for ax, (role, cluster, size) in zip(axes.flat, chosen):
@@ -99,7 +98,6 @@ def save_cluster_grids(images, cluster_labels, path: str, *, num_random: int = 4
     ax.set_title(f"{role}: cluster {cluster} (n={size})", fontsize=9)
   fig.tight_layout()
   fig.savefig(path)
-  plt.close(fig)
   return chosen
 
 

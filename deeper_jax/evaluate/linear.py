@@ -202,16 +202,16 @@ def plot_probe_by_layer(results: Mapping[str, ProbeResult | float], path: str, *
 
   ``results`` maps layer name -> ProbeResult or top-1 in [0, 1], in depth order.
   """
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  # A Figure, not pyplot: no global backend switch (notebooks keep inline plots).
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
 
   names = list(results)
   if not names:
     raise ValueError("results is empty; run linear_probe_by_layer first.")
   top1 = [100 * (r.test_top1 if isinstance(r, ProbeResult) else float(r))
           for r in results.values()]
-  fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(names) + 2), 3.6), dpi=100)
+  fig = Figure(figsize=(max(4.0, 0.9 * len(names) + 2), 3.6), dpi=100)
+  ax = fig.subplots()
   ax.plot(range(len(names)), top1, marker="o", color="tab:blue", label="top-1")
   for i, value in enumerate(top1):
     ax.annotate(f"{value:.1f}", (i, value), textcoords="offset points",
@@ -228,4 +228,3 @@ def plot_probe_by_layer(results: Mapping[str, ProbeResult | float], path: str, *
   ax.legend(loc="lower right", fontsize=8)
   fig.tight_layout()
   fig.savefig(path)
-  plt.close(fig)

@@ -14,7 +14,15 @@ identity covariance in ``np.cov``'s sense (for directions above the floor).
 Eigenvector signs are fixed (largest-magnitude entry positive) so a refit on the
 same data gives the same features. Unlike k-means' integer sums, the float ``psum``
 of the covariance adds in a different order on a different number of devices, so
-features agree across device counts to ~1e-5, not bit for bit.
+features agree across device counts to ~1e-5, not bit for bit; and across
+processes too (XLA:CPU adds the shards in order inside one process, gloo's ring
+all-reduce in another order), so one process of 4 devices and two of 2 agree to
+the last few bits only (tests/test_multiprocess.py measures it).
+
+Many processes: ``x`` may be :class:`~deeper_jax.cluster.layout.Rows` (features
+split over the devices of every process); the sample is gathered device to device
+and ``apply_pca_whitening`` returns Rows in the same layout, so no process holds
+more than its own rows.
 """
 from __future__ import annotations
 
@@ -28,7 +36,8 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from deeper_jax.cluster import checks
-from deeper_jax.cluster.layout import RowLayout, plan_rows, put_rows, resolve_mesh, scan_chunks
+from deeper_jax.cluster.layout import (RowLayout, Rows, gather_rows, plan_rows,
+                                       put_rows, resolve_mesh, scan_chunks)
 from deeper_jax.runtime.mesh import DATA_AXES
 
 EIGENVALUE_FLOOR = 1e-5
@@ -87,7 +96,10 @@ def sample_rows(num_rows: int, sample_size: int | None, seed: int) -> np.ndarray
 
 def fit_pca_whitening(x, dim: int, *, sample_size: int | None = None, seed: int = 0,
                       mesh: Mesh | None = None) -> PCAWhitening:
-  """Fits mean and whitening projection [d, dim] on ``sample_size`` random rows of ``x``."""
+  """Fits mean and whitening projection [d, dim] on ``sample_size`` random rows of ``x``.
+
+  ``x``: a numpy or jax matrix, or :class:`Rows` (then ``mesh`` is theirs).
+  """
   n, d = checks.check_features(x, "x")
   if not isinstance(dim, (int, np.integer)) or not 1 <= dim <= d:
     raise ValueError(f"dim must be an integer in [1, d={d}], got {dim!r}; lower pca_dim.")
@@ -97,9 +109,11 @@ def fit_pca_whitening(x, dim: int, *, sample_size: int | None = None, seed: int 
   m = len(rows)
   if m < 2:
     raise ValueError(f"PCA needs at least 2 rows to estimate a covariance, got {m}.")
-  sample = x if m == n else (x[jnp.asarray(rows)] if isinstance(x, jax.Array) else x[rows])
-
-  mesh = resolve_mesh(mesh)
+  if isinstance(x, Rows):
+    sample, mesh = (x if m == n else gather_rows(x, rows)), x.mesh
+  else:
+    sample = x if m == n else (x[jnp.asarray(rows)] if isinstance(x, jax.Array) else x[rows])
+    mesh = resolve_mesh(mesh)
   layout = plan_rows(m, mesh.size, 8192)
   mean, cov = _moments_fn(mesh, layout)(put_rows(sample, mesh, layout))
   projection, top_eigenvalue = _whitening(cov, int(dim))
@@ -113,10 +127,11 @@ def fit_pca_whitening(x, dim: int, *, sample_size: int | None = None, seed: int 
 def _apply_fn(mesh: Mesh, layout: RowLayout):
 
   def shard_fn(x, mean, projection):
-    def body(carry, xi, *_):
+    def body(carry, xi, rows, *_):
       y = jnp.dot(xi - mean, projection, precision=lax.Precision.HIGHEST)
       norm = jnp.sqrt(jnp.sum(y * y, axis=1, keepdims=True))
-      return carry, y / jnp.maximum(norm, jnp.finfo(jnp.float32).tiny)
+      y = y / jnp.maximum(norm, jnp.finfo(jnp.float32).tiny)
+      return carry, jnp.where((rows < layout.num_rows)[:, None], y, 0.0)  # padding stays 0
 
     _, y = scan_chunks(body, (), x, layout)
     return y
@@ -126,17 +141,23 @@ def _apply_fn(mesh: Mesh, layout: RowLayout):
 
 
 def apply_pca_whitening(pca: PCAWhitening, x, *, chunk_size: int = 8192,
-                        mesh: Mesh | None = None) -> np.ndarray:
-  """Whitened, L2-normalised features [N, dim] float32, computed chunk by chunk."""
+                        mesh: Mesh | None = None):
+  """Whitened, L2-normalised features [N, dim] float32, computed chunk by chunk.
+
+  Numpy [N, dim] for a numpy or jax ``x``; :class:`Rows` in the same layout (on the
+  devices, nothing gathered) for Rows.
+  """
   n, d = checks.check_features(x, "x")
   checks.check_positive(chunk_size, "chunk_size")
   if np.shape(pca.mean) != (d,) or np.shape(pca.projection)[0] != d:
     raise ValueError(f"x has d={d} columns but the PCA was fitted on "
                      f"{np.shape(pca.mean)[0]}; fit the PCA on features of this size.")
-  mesh = resolve_mesh(mesh)
+  mesh = x.mesh if isinstance(x, Rows) else resolve_mesh(mesh)
   layout = plan_rows(n, mesh.size, chunk_size)
   y = _apply_fn(mesh, layout)(put_rows(x, mesh, layout), jnp.asarray(pca.mean, jnp.float32),
                               jnp.asarray(pca.projection, jnp.float32))
+  if isinstance(x, Rows):
+    return Rows(y, n)
   return np.asarray(y)[:n]
 
 

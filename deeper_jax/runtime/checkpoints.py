@@ -20,8 +20,11 @@ right after a clustering has the same train step as the one before it.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import shutil
+import sys
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -72,6 +75,21 @@ class Checkpointer:
     self.manager.wait_until_finished()
     return index
 
+  @staticmethod
+  @contextlib.contextmanager
+  def _quiet_aborted_reads():
+    """A failed restore leaves TensorStore read coroutines that Python reports as
+    "Exception ignored" tracebacks when they are collected; the failure itself is
+    reported once, by ``restore``. Collect them here, logged at debug level only."""
+    previous = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: logging.vlog(
+        1, "ignored after a failed restore: %s", unraisable.exc_value)
+    try:
+      yield
+    finally:
+      gc.collect()
+      sys.unraisablehook = previous
+
   def _restore_one(self, index: int, template_for: Callable[[dict], Any]) -> Restored:
     progress = self.manager.restore(index, args=ocp.args.Composite(
         progress=ocp.args.JsonRestore())).progress
@@ -91,7 +109,8 @@ class Checkpointer:
     failures = []
     for index in indices:
       try:
-        restored = self._restore_one(index, template_for)
+        with self._quiet_aborted_reads():
+          restored = self._restore_one(index, template_for)
       except Exception as e:  # pylint: disable=broad-except  # any damage: try the next one
         failures.append((index, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"))
         continue
