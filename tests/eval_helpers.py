@@ -7,6 +7,7 @@ a working evaluator from a broken one.
 import functools
 
 import numpy as np
+from PIL import Image
 
 from conftest import test_config
 from deeper_jax.data import ArraySource, Datasets, load_fashion_mnist
@@ -57,3 +58,15 @@ def make_context(workdir, datasets: Datasets | None = None, *, variables_seed: i
   variables = _init_variables(model, seed, config.data.image_size, channels)
   return Context(model=model, variables=variables, config=config, datasets=datasets,
                  mesh=None, workdir=str(workdir))
+
+
+def pixels(source, n):
+  """The first ``n`` images of ``source`` as float rows in [0, 1] (a raw-pixel baseline)."""
+  return source.images(np.arange(n)).reshape(n, -1).astype(np.float32) / 255.0
+
+
+def png_shows_data(path) -> bool:
+  """A written PNG is a real picture: large enough, not flat, many colours."""
+  image = np.asarray(Image.open(path).convert("RGB"), np.float32)
+  return (min(image.shape[:2]) > 100 and image.std() > 20
+          and len(np.unique(image.reshape(-1, 3), axis=0)) > 20)

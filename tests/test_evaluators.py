@@ -13,19 +13,11 @@ from sklearn import metrics as skm
 
 from deeper_jax import evaluate
 from deeper_jax.evaluate import cluster_grid, clusters, knn
-from eval_helpers import fashion_datasets, make_context
+from eval_helpers import fashion_datasets, make_context, pixels, png_shows_data
 
 LABELLED_EVALUATORS = ("probe", "probe_paper", "knn", "finetune")
 
 
-def pixels(source, n):
-  return source.images(np.arange(n)).reshape(n, -1).astype(np.float32) / 255.0
-
-
-def png_shows_data(path) -> bool:
-  image = np.asarray(Image.open(path).convert("RGB"), np.float32)
-  return (min(image.shape[:2]) > 100 and image.std() > 20
-          and len(np.unique(image.reshape(-1, 3), axis=0)) > 20)
 
 
 class PartlyLabelled:

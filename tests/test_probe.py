@@ -8,21 +8,12 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from deeper_jax.evaluate import context as context_lib
 from deeper_jax.evaluate import linear, probe
-from eval_helpers import fashion_datasets, make_context
+from eval_helpers import fashion_datasets, make_context, pixels, png_shows_data
 
 
-def pixels(source, n):
-  return source.images(np.arange(n)).reshape(n, -1).astype(np.float32) / 255.0
-
-
-def png_shows_data(path) -> bool:
-  image = np.asarray(Image.open(path).convert("RGB"), np.float32)
-  return (min(image.shape[:2]) > 100 and image.std() > 20
-          and len(np.unique(image.reshape(-1, 3), axis=0)) > 20)
 
 
 # --- the classifier ---------------------------------------------------------------
