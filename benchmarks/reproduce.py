@@ -135,13 +135,16 @@ def selection_runs() -> list[Run]:
 
 
 def table_runs(choice_name: str, choice: dict, quick: bool) -> list[Run]:
+  """Every (data, method, seed) cell. DeeperCluster takes the whole choice; the other
+  methods take its backbone (``model.*``), so that every row trains the same network."""
+  backbone = {k: v for k, v in choice.items() if k.startswith("model.")}
   runs = []
   for data in DATA:
     for method in METHODS:
       seeds = SEEDS if data == "uncurated" or method == "deepercluster" else SEEDS[:1]
       for seed in seeds:
         overrides = ({**choice} if method == "deepercluster" else
-                     {"eval.clusters_k": clusters_k(choice, quick)})
+                     {**backbone, "eval.clusters_k": clusters_k(choice, quick)})
         runs.append(Run("table", f"{data}__{method}__seed{seed}", method, data, seed,
                         overrides, choice=choice_name))
   return runs

@@ -135,6 +135,18 @@ def test_choose_takes_the_candidate_with_the_best_validation_probe():
   assert scores == {"default": 0.80, "lr0.1": 0.83, "pca32": 0.81, "width32": 0.85}
 
 
+def test_every_method_of_the_table_trains_the_chosen_backbone():
+  """A chosen architecture (model.*) applies to every row, so the rows compare methods on
+  one network; the method's own knobs (here the learning rate) stay DeeperCluster's."""
+  reproduce = _module("reproduce")
+  choice = {"model.width": 32, "train.learning_rate": 0.1}
+  runs = reproduce.table_runs("width32", choice, quick=False)
+  assert {r.method for r in runs} == set(reproduce.METHODS)
+  for run in runs:
+    assert run.overrides["model.width"] == 32, run.name
+    assert ("train.learning_rate" in run.overrides) == (run.method == "deepercluster"), run.name
+
+
 # --- two real quick runs --------------------------------------------------------------
 
 @pytest.fixture(scope="module")
