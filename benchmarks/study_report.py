@@ -315,19 +315,28 @@ def selection_section(results: dict, choice: dict | None, plan: list) -> str:
     done = selected.get(run.name)
     overrides = module.CANDIDATES.get(run.name, {})
     chosen = choice is not None and choice.get("best") == run.name
+    diagnostic = choice is not None and run.name in (choice.get("diagnostics") or [])
     lines.append([f"**{run.name}**" if chosen else run.name,
                   ", ".join(f"`{k}={v}`" for k, v in overrides.items()) or "(the defaults)",
                   Stat([_get(done, "probe", "top1")] if done else []).format(),
                   Stat([_get(done, "clusters", "nmi_labels")] if done else []).format(1, 3),
-                  "chosen" if chosen else ""])
+                  "chosen" if chosen else "diagnostic" if diagnostic else ""])
   table = _markdown_table(["Candidate", "Overrides", "Validation probe top-1 (fast)",
                            "NMI (train set)", ""], lines)
   if choice is None:
     verdict = (f"Not chosen yet: {len(selected)} of {len(lines)} candidates are done; the "
                "table and the curves wait for the choice.")
   else:
-    verdict = (f"Chosen: **{choice['best']}** (the best validation probe top-1); the table's "
-               "DeeperCluster runs and the curves use it.")
+    gain = choice.get("min_gain")
+    rule = (f"the best validation probe top-1 among the candidates that keep the network, "
+            f"if it beats the default's by more than {100 * gain:.1f} points, else the "
+            f"default" if gain is not None else "the best validation probe top-1")
+    diagnostics = choice.get("diagnostics") or []
+    verdict = (f"Chosen: **{choice['best']}** ({rule}); the table's DeeperCluster runs and "
+               "the curves use it.")
+    if diagnostics:
+      verdict += (f" {', '.join(diagnostics)} changes the network every method trains: a "
+                  "diagnostic, never chosen (the table compares methods on one network).")
   used = sorted({r["study"].get("choice", "") for part in ("table", "curves")
                  for r in results.get(part, {}).values()
                  if r["study"]["method"] == "deepercluster"} - {""})
