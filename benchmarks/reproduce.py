@@ -57,7 +57,7 @@ DEFAULT_SUB_CLUSTERS = 10
 VALIDATION_SIZE = 10_000
 UNCURATED_IMAGES = 35_033  # fashion_mnist_uncurated at the default ratio and fractions
 # The selection's candidates: one knob at a time around the default (validation probe).
-# Those that change the network (model.*) are diagnostics: run and reported, never chosen.
+# Diagnostics (see `is_diagnostic`) run beside them and are reported, never chosen.
 CANDIDATES = {
     "default": {},
     "width32": {"model.width": 32},
@@ -66,7 +66,16 @@ CANDIDATES = {
     "k_sub40": {"method.num_sub_clusters": 40},
     "lr0.1": {"train.learning_rate": 0.1},
     "pca32": {"clustering.pca_dim": 32},
+    # Twice the sample budget (48 epochs of N), for DeeperCluster and for RotNet: does
+    # DeeperCluster pull ahead of RotNet when both train longer?
+    "budget_x2": {"method.rotnet_warmup_epochs": 6, "train.num_cycles": 14},
+    "rotnet": {},
+    "rotnet_budget_x2": {"train.epochs_per_cycle": 48},
 }
+CANDIDATE_METHOD = {"rotnet": "rotnet", "rotnet_budget_x2": "rotnet"}  # else deepercluster
+# What every method of the table shares: the network and the sample budget.
+SHARED_FIELDS = ("model.", "train.num_cycles", "train.epochs_per_cycle",
+                 "method.rotnet_warmup_epochs")
 CURVE_SUB_CLUSTERS = (10, 20, 40, 80, 160)  # k = 4 × k_sub = 40 … 640
 CURVE_FRACTIONS = (4, 2)  # 1/4 and 1/2 of the images (all: the table's seed-0 run)
 # Quick mode: tiny data and network, a few steps per run. A run's own overrides (the
@@ -129,7 +138,7 @@ def clusters_k(choice: dict, quick: bool) -> int:
 
 
 def selection_runs() -> list[Run]:
-  return [Run("select", name, "deepercluster", "uncurated", 0,
+  return [Run("select", name, CANDIDATE_METHOD.get(name, "deepercluster"), "uncurated", 0,
               {**overrides, "data.validation_size": VALIDATION_SIZE,
                "eval.evaluators": "probe,clusters"}, choice=name)
           for name, overrides in CANDIDATES.items()]
@@ -280,11 +289,13 @@ MAX_DEFAULT_SECONDS = 600
 MIN_GAIN = 0.005
 
 
-def changes_backbone(overrides: dict) -> bool:
-  """A candidate that changes the network itself (``model.*``) is a diagnostic, not a
-  choice: the study compares methods on one fixed network, and a wider *untrained* network
-  alone already probes better (width 32: 88.5 % vs 87.6 % at width 16 on validation)."""
-  return any(k.startswith("model.") for k in overrides)
+def is_diagnostic(name: str) -> bool:
+  """A candidate that changes what every method shares (the network, ``model.*``, or the
+  sample budget) or that is another method is a diagnostic, not a choice: the table
+  compares methods on one network and one budget. (A wider *untrained* network alone
+  already probes better: width 32, 88.5 % vs 87.6 % at width 16 on validation.)"""
+  return (CANDIDATE_METHOD.get(name, "deepercluster") != "deepercluster"
+          or any(k.startswith(SHARED_FIELDS) for k in CANDIDATES[name]))
 
 
 def choose(selected: list[dict]) -> tuple[str, dict, dict]:
@@ -294,7 +305,7 @@ def choose(selected: list[dict]) -> tuple[str, dict, dict]:
   scores = {r["study"]["name"]: r["probe"]["top1"] for r in selected}
   eligible = [r["study"]["name"] for r in selected
               if r["run"]["wall_seconds"] <= MAX_DEFAULT_SECONDS
-              and not changes_backbone(CANDIDATES[r["study"]["name"]])] or ["default"]
+              and not is_diagnostic(r["study"]["name"])] or ["default"]
   best = max(eligible, key=scores.get)
   if scores[best] - scores["default"] <= MIN_GAIN:
     best = "default"
@@ -319,7 +330,7 @@ def select(args) -> tuple[tuple[str, dict] | None, int]:
   best, choice, scores = choose(selected)
   record = {"best": best, "overrides": choice, "validation_probe_top1": scores,
             "validation_size": VALIDATION_SIZE, "min_gain": MIN_GAIN,
-            "diagnostics": sorted(n for n, o in CANDIDATES.items() if changes_backbone(o))}
+            "diagnostics": sorted(filter(is_diagnostic, CANDIDATES))}
   path = os.path.join(args.out, "select", "choice.json")
   if _load(path) != json.loads(json.dumps(record)):  # a second pass writes nothing
     with open(path, "w") as f:
@@ -353,7 +364,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--only", default="",
                       help="run only the runs whose name contains one of these "
                            "(comma-separated)")
-  parser.add_argument("--choice", default="", choices=("", *CANDIDATES),
+  parser.add_argument("--choice", default="",
+                      choices=("", *(n for n in CANDIDATES if n not in CANDIDATE_METHOD)),
                       help="use this candidate for the table and curves instead of the "
                            "selection's choice (select/choice.json)")
   parser.add_argument("--list", action="store_true",

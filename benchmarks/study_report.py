@@ -304,6 +304,12 @@ def targets_lines(checks: list[dict]) -> str:
                    for c in checks)
 
 
+def _candidate_text(module, name: str, overrides: dict) -> str:
+  text = ", ".join(f"`{k}={v}`" for k, v in overrides.items()) or "(the defaults)"
+  method = module.CANDIDATE_METHOD.get(name)
+  return f"{module.METHODS[method]}: {text}" if method else text
+
+
 def selection_section(results: dict, choice: dict | None, plan: list) -> str:
   """The candidates, their validation probe and NMI, and the one chosen."""
   module = reproduce_module()
@@ -315,9 +321,9 @@ def selection_section(results: dict, choice: dict | None, plan: list) -> str:
     done = selected.get(run.name)
     overrides = module.CANDIDATES.get(run.name, {})
     chosen = choice is not None and choice.get("best") == run.name
-    diagnostic = choice is not None and run.name in (choice.get("diagnostics") or [])
+    diagnostic = module.is_diagnostic(run.name)
     lines.append([f"**{run.name}**" if chosen else run.name,
-                  ", ".join(f"`{k}={v}`" for k, v in overrides.items()) or "(the defaults)",
+                  _candidate_text(module, run.name, overrides),
                   Stat([_get(done, "probe", "top1")] if done else []).format(),
                   Stat([_get(done, "clusters", "nmi_labels")] if done else []).format(1, 3),
                   "chosen" if chosen else "diagnostic" if diagnostic else ""])
@@ -328,15 +334,16 @@ def selection_section(results: dict, choice: dict | None, plan: list) -> str:
                "table and the curves wait for the choice.")
   else:
     gain = choice.get("min_gain")
-    rule = (f"the best validation probe top-1 among the candidates that keep the network, "
+    rule = (f"the best validation probe top-1 among the candidates that are not diagnostics, "
             f"if it beats the default's by more than {100 * gain:.1f} points, else the "
             f"default" if gain is not None else "the best validation probe top-1")
-    diagnostics = choice.get("diagnostics") or []
+    diagnostics = [n for n in module.CANDIDATES if module.is_diagnostic(n)]
     verdict = (f"Chosen: **{choice['best']}** ({rule}); the table's DeeperCluster runs and "
                "the curves use it.")
     if diagnostics:
-      verdict += (f" {', '.join(diagnostics)} changes the network every method trains: a "
-                  "diagnostic, never chosen (the table compares methods on one network).")
+      verdict += (f" Diagnostics ({', '.join(diagnostics)}) change the network or the "
+                  "sample budget that every method shares, or are another method: reported, "
+                  "never chosen (the table compares methods on one network and one budget).")
   used = sorted({r["study"].get("choice", "") for part in ("table", "curves")
                  for r in results.get(part, {}).values()
                  if r["study"]["method"] == "deepercluster"} - {""})

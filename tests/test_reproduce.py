@@ -61,11 +61,18 @@ def test_the_plan_has_every_method_on_every_data_with_three_seeds_where_compared
   names = [f"{r.part}/{r.name}" for r in plan]
   assert len(names) == len(set(names))
   by_part = {part: [r for r in plan if r.part == part] for part in ("select", "table", "curves")}
-  assert len(plan) == sum(map(len, by_part.values())) == 7 + 29 + 7
+  assert len(plan) == sum(map(len, by_part.values())) == 10 + 29 + 7
 
   assert [r.name for r in by_part["select"]] == list(reproduce.CANDIDATES)
-  assert all(r.method == "deepercluster" and r.data == "uncurated" and r.seed == 0 and
-             r.overrides["data.validation_size"] > 0 for r in by_part["select"])
+  assert all(r.data == "uncurated" and r.seed == 0 and r.overrides["data.validation_size"] > 0
+             for r in by_part["select"])
+  methods = {r.name: r.method for r in by_part["select"]}
+  assert {n for n, m in methods.items() if m != "deepercluster"} == {"rotnet",
+                                                                     "rotnet_budget_x2"}
+  assert methods["rotnet"] == "rotnet"
+  # Never chosen: they change the network or the budget that every method shares.
+  assert set(filter(reproduce.is_diagnostic, reproduce.CANDIDATES)) == {
+      "width32", "budget_x2", "rotnet", "rotnet_budget_x2"}
 
   seeds = {}
   for r in by_part["table"]:
@@ -112,8 +119,13 @@ def test_every_planned_run_is_a_valid_config_that_keeps_its_own_overrides(quick)
       sub = run.overrides.get("method.num_sub_clusters")
       if sub:
         assert config.method.num_sub_clusters == sub
-    elif run.method != "deepcluster":  # flat k-means of their features, DeeperCluster's k
+    elif run.method != "deepcluster" and run.part == "table":  # flat k-means of their
+      # features at DeeperCluster's k
       assert config.eval.clusters_k == (16 if quick else 40)
+    if not quick:  # the same number of samples seen: 24 epochs of N (48 for the diagnostic)
+      epochs = (config.method.rotnet_warmup_epochs
+                + config.train.num_cycles * config.train.epochs_per_cycle)
+      assert epochs == (48 if run.name.endswith("budget_x2") else 24), run.name
 
 
 def test_the_table_and_curves_refuse_to_start_without_a_chosen_candidate(tmp_path):
@@ -221,7 +233,7 @@ def test_reproduce_report_writes_a_row_per_method_and_data_and_a_line_per_target
   done = sorted(line.split(" | ")[:3] for line in rows if " | 0/" not in line)
   assert done == [["| DeeperCluster", "uncurated", "1/3"], ["| Random init", "uncurated", "1/3"]]
   assert sum(line.count("–") for line in rows) > 100  # the 13 rows not run yet
-  assert "**2 of 43 runs of the study are done**" in text
+  assert "**2 of 46 runs of the study are done**" in text
   targets = re.findall(r"^- .*: \*\*(holds|does not hold|not known yet)\*\* \(.*\)$", text,
                        re.MULTILINE)
   assert len(targets) == 7
@@ -326,4 +338,4 @@ def test_the_hand_written_paragraph_survives_a_new_report(tmp_path):
   with open(path) as f:
     again = f.read()
   assert "At this scale, clustering beats rotation." in again and "<!-- WRITE:" not in again
-  assert "**14 of 43 runs of the study are done**" in again
+  assert "**14 of 46 runs of the study are done**" in again
