@@ -12,7 +12,9 @@ Sobel-folded backbone to ``<workdir>/export`` for ``deeper_jax.load_pretrained``
 
 Multi-host: ``--distributed`` calls ``jax.distributed.initialize()``, which finds the
 coordinator on SLURM, Open MPI and Cloud TPU, or from ``--coordinator_address``,
-``--num_processes`` and ``--process_id`` (docs/scaling.md).
+``--num_processes`` and ``--process_id`` (docs/scaling.md). Every process runs the
+same command; a process that dies stops the others within
+``--heartbeat_timeout_seconds``, and launching all of them again resumes the run.
 
 A mistake in the config, the data or the workdir prints one line on stderr and exits
 with status 2; a traceback means a bug.
@@ -40,6 +42,9 @@ flags.DEFINE_bool("distributed", False, "Multi-host: call jax.distributed.initia
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (--distributed).")
 flags.DEFINE_integer("num_processes", None, "Processes in the job (--distributed).")
 flags.DEFINE_integer("process_id", None, "This process's id in [0, num_processes).")
+flags.DEFINE_integer("heartbeat_timeout_seconds", 100,
+                     "--distributed: a process silent this long is taken for dead and "
+                     "the job stops (JAX's default: 100).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 EXIT_USER_ERROR = 2
@@ -96,7 +101,8 @@ def main(argv):
     import jax  # pylint: disable=g-import-not-at-top
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes,
-                               process_id=FLAGS.process_id)
+                               process_id=FLAGS.process_id,
+                               heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_seconds)
   try:
     run(FLAGS.mode, FLAGS.config, FLAGS.workdir)
   except UserError as e:

@@ -4,11 +4,12 @@
 
 The process sends itself ``signal`` (default SIGKILL: no cleanup, no atexit, like an
 OOM kill or a lost node) when it reaches ``point`` for the ``count``-th time in this
-process: ``extract`` (a feature-extraction batch), ``kmeans`` (a Lloyd iteration),
+process: ``extract`` (a feature-extraction step), ``kmeans`` (a Lloyd iteration),
 ``step`` (a train step; ``count`` is the global step number) or ``save`` (while Orbax
 writes checkpoint ``count``, as soon as its temporary folder exists). E.g.
 ``step:40:SIGTERM`` is a preemption notice at step 40. The hooks wrap package
-functions from outside; the package itself knows nothing of them.
+functions from outside; the package itself knows nothing of them. With
+``--distributed`` each process takes its own ``DEEPER_JAX_KILL_AT`` (or none).
 """
 import itertools
 import os
@@ -35,18 +36,20 @@ def install(point: str, at: int, signum) -> None:
   counter = itertools.count(1)
   if point == "extract":
     from deeper_jax.extract import features
-    original = features.map_batches
 
-    def map_batches(*args, **kwargs):
-      inner = kwargs.pop("on_batch", None)
+    def counting(original):
+      def wrapped(*args, **kwargs):
+        inner = kwargs.pop("on_batch", None)
 
-      def on_batch(done):
-        if inner is not None:
-          inner(done)
-        if next(counter) == at:
-          _kill(signum)
-      return original(*args, on_batch=on_batch, **kwargs)
-    features.map_batches = map_batches
+        def on_batch(done):
+          if inner is not None:
+            inner(done)
+          if next(counter) == at:
+            _kill(signum)
+        return original(*args, on_batch=on_batch, **kwargs)
+      return wrapped
+    features.map_batches = counting(features.map_batches)
+    features.map_rows = counting(features.map_rows)
   elif point == "kmeans":
     from deeper_jax.cluster import hierarchical
     original = hierarchical.kmeans

@@ -204,6 +204,11 @@ def _zeros_fn(mesh: Mesh, shape: tuple[int, ...], dtype):
   return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=rows_sharding(mesh))
 
 
+def zeros(mesh: Mesh, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+  """A zero array split by rows over ``mesh``, made on the devices (no host copy)."""
+  return _zeros_fn(mesh, tuple(int(n) for n in shape), np.dtype(dtype))()
+
+
 def gather_rows(x: Rows, ids: np.ndarray, num_rows: int | None = None) -> Rows:
   """``x[ids]`` as new :class:`Rows` of ``num_rows >= len(ids)`` rows (zeros after).
 
@@ -226,7 +231,7 @@ def gather_rows(x: Rows, ids: np.ndarray, num_rows: int | None = None) -> Rows:
   dst_rows = plan_rows(num_rows, shards, 1).rows_per_shard
   width = max(1, int(np.prod(tail)))
   piece = max(1, min(dst_rows, GATHER_ELEMENTS // (shards * width)))
-  out = _zeros_fn(mesh, (shards * dst_rows,) + tail, x.dtype)()
+  out = zeros(mesh, (shards * dst_rows,) + tail, x.dtype)
   move = _scatter_fn(mesh, src_rows, dst_rows, piece)
   slot = np.arange(piece)
   for first in range(0, dst_rows, piece):

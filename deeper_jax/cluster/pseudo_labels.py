@@ -3,6 +3,10 @@
 Kept apart from the train loop so notebooks can call it on any backbone, and so the
 loop reads as the paper's algorithm. Everything returned is numpy, ready to be
 checkpointed: a run killed after the clustering resumes without redoing it.
+
+The features never leave the devices: each process extracts the rows of its own
+devices (:func:`~deeper_jax.extract.features.extract_rows`), PCA and k-means run on
+them in place, and only the labels ([N] int32) come back, to every process.
 """
 from __future__ import annotations
 
@@ -55,7 +59,7 @@ def cluster_backbone(model, variables, source, config, *, cycle: int, mesh,
       return {"super_labels": zeros, "sub_labels": np.asarray(source.labels, np.int32)}, {}
     return {"super_labels": zeros, "sub_labels": zeros}, {}
 
-  feats = features_lib.extract_features(
+  feats = features_lib.extract_rows(
       model, variables, source, image_size=config.data.image_size,
       batch_size=cfg.extract_batch_size, mesh=mesh,
       name=f"cycle {cycle}: extract features")[features_lib.FEATURES]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 
+import jax
 import numpy as np
 from sklearn import metrics
 
@@ -31,6 +32,7 @@ from deeper_jax.cluster import pseudo_labels
 from deeper_jax.evaluate import context as context_lib
 from deeper_jax.extract import features as features_lib
 from deeper_jax.reduce import pca as pca_lib
+from deeper_jax.runtime import mesh as mesh_lib
 
 FILE = "final_clusters.npz"
 
@@ -52,30 +54,53 @@ def agreement(labels_true, labels_pred) -> dict:
 
 
 def _flat_clusters(ctx: context_lib.Context, k: int) -> np.ndarray:
-  """A flat k-means of the final features (PCA-whitened as for training)."""
+  """A flat k-means of the final features (PCA-whitened as for training), on the devices."""
   cfg = ctx.config.clustering
-  feats = features_lib.extract_features(
+  mesh = ctx.mesh or mesh_lib.make_mesh()
+  feats = features_lib.extract_rows(
       ctx.model, ctx.variables, ctx.datasets.train, image_size=ctx.config.data.image_size,
-      batch_size=cfg.extract_batch_size, mesh=ctx.mesh,
+      batch_size=cfg.extract_batch_size, mesh=mesh,
       name="clusters: features")[features_lib.FEATURES]
   whitening = pca_lib.fit_pca_whitening(feats, min(cfg.pca_dim, feats.shape[1]),
                                         sample_size=min(cfg.pca_sample_size, len(feats)),
-                                        seed=ctx.config.seed, mesh=ctx.mesh)
-  reduced = pca_lib.apply_pca_whitening(whitening, feats, mesh=ctx.mesh)
-  return kmeans_lib.kmeans(reduced, k, num_iters=cfg.num_iters, seed=ctx.config.seed,
-                           mesh=ctx.mesh).assignments
+                                        seed=ctx.config.seed)
+  reduced = pca_lib.apply_pca_whitening(whitening, feats)
+  return kmeans_lib.kmeans(reduced, k, num_iters=cfg.num_iters, seed=ctx.config.seed).assignments
+
+
+class _CentreViews:
+  """A source's centre views as float32 in [0, 1], computed on the host (as numpy)."""
+
+  def __init__(self, source, image_size: int):
+    self.source, self.image_size = source, image_size
+    self.image_shape = (image_size, image_size, source.image_shape[-1])
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def images(self, indices: np.ndarray) -> np.ndarray:
+    block = self.source.images(indices)
+    return np.asarray(augment.center_crop(block, self.image_size), np.float32) / 255.0
 
 
 def pixel_kmeans(source, k: int, image_size: int, seed: int, num_iters: int = 10,
                  mesh=None) -> np.ndarray:
-  """k-means on the raw pixels (centre view, in [0, 1]) of every image of ``source``."""
-  pixels = []
-  for start in range(0, len(source), 4096):
-    block = source.images(np.arange(start, min(start + 4096, len(source))))
-    view = np.asarray(augment.center_crop(block, image_size), np.float32) / 255.0
-    pixels.append(view.reshape(len(view), -1))
-  return kmeans_lib.kmeans(np.concatenate(pixels), k, num_iters=num_iters, seed=seed,
-                           mesh=mesh).assignments
+  """k-means on the raw pixels (centre view, in [0, 1]) of every image of ``source``.
+
+  The pixels are read like features (:func:`~deeper_jax.extract.features.map_rows`):
+  each process reads its own devices' rows, which stay on the devices.
+  """
+  views = _CentreViews(source, image_size)
+  rows = features_lib.map_rows(
+      _flatten, views, np.arange(len(views)), batch_size=4096, image_dtype=np.float32,
+      out_dims={"pixels": int(np.prod(views.image_shape))},
+      mesh=mesh or mesh_lib.make_mesh(), name="clusters: pixels")["pixels"]
+  return kmeans_lib.kmeans(rows, k, num_iters=num_iters, seed=seed).assignments
+
+
+@jax.jit
+def _flatten(views: jax.Array) -> dict:
+  return {"pixels": views.reshape(views.shape[0], -1)}
 
 
 def evaluate(ctx: context_lib.Context) -> dict:

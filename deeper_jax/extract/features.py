@@ -17,6 +17,14 @@ Layers by name (``layer_shapes`` lists them):
 Block and conv-layer activations are average-pooled below ``max_dim`` values
 (extract/pooling.py: ``'adaptive'`` for the fast probe, ``'paper'`` for the
 reference's fixed windows) and flattened.
+
+Where the rows go (docs/scaling.md): ``extract_rows`` leaves each output on the
+devices as :class:`~deeper_jax.cluster.layout.Rows`, in the layout k-means and PCA
+read (device ``s`` of the mesh holds rows ``[s*R, (s+1)*R)``), and each device
+computes exactly its own rows: each process reads and decodes only the images of
+its own devices, and no process ever holds all N rows. ``extract_features`` is the
+same followed by a gather of every output to every process, for the evaluators'
+(subsampled) sets; with no mesh it runs on one device per process.
 """
 from __future__ import annotations
 
@@ -28,9 +36,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax.sharding import Mesh
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec as P
 
 from deeper_jax import augment
+from deeper_jax.cluster import layout
+from deeper_jax.cluster.layout import Rows, plan_rows
 from deeper_jax.extract import pooling
 from deeper_jax.models import ConvBNReLU
 from deeper_jax.runtime import logs
@@ -104,7 +115,10 @@ def map_batches(fn: Callable[[np.ndarray], dict[str, jax.Array]], source,
                 indices: np.ndarray, *, batch_size: int, out_dims: dict[str, int],
                 dtype=np.float32, mesh: Mesh | None = None,
                 name: str = "extract", on_batch=None) -> dict[str, np.ndarray]:
-  """Runs ``fn`` over ``source.images(indices)`` in fixed-size batches.
+  """Runs ``fn`` over ``source.images(indices)`` in fixed-size batches, into numpy.
+
+  For one process (or ``mesh=None``: each process on its own default device); on
+  many, :func:`map_rows` splits the work and the outputs over all of them.
 
   ``fn`` maps a uint8 batch [batch_size, H, W, C] to a dict of [batch_size, d]
   arrays. The next batch is read from the source while the device computes
@@ -143,6 +157,82 @@ def map_batches(fn: Callable[[np.ndarray], dict[str, jax.Array]], source,
   return outputs
 
 
+@functools.lru_cache(maxsize=32)
+def _write_fn(mesh: Mesh, rows_per_shard: int, num_rows: int):
+  """Jitted ``(buffer [S*R, d], batch [S*b, d], start) -> buffer``, shard by shard.
+
+  Device ``s`` writes its ``b`` new rows at ``start`` of its own block; rows past
+  ``num_rows`` (the padding of the last shard) are written as zeros.
+  """
+  rows_spec = P(mesh_lib.DATA_AXES)
+
+  def shard_fn(buffer, batch, start):
+    first = lax.axis_index(mesh_lib.DATA_AXES) * rows_per_shard + start
+    rows = first + jnp.arange(batch.shape[0], dtype=jnp.int32)
+    batch = jnp.where((rows < num_rows)[:, None], batch.astype(buffer.dtype), 0)
+    return lax.dynamic_update_slice_in_dim(buffer, batch, start, 0)
+
+  return jax.jit(jax.shard_map(shard_fn, mesh=mesh, in_specs=(rows_spec, rows_spec, P()),
+                               out_specs=rows_spec, check_vma=False), donate_argnums=0)
+
+
+def map_rows(fn: Callable[[jax.Array], dict[str, jax.Array]], source, indices: np.ndarray,
+             *, batch_size: int, out_dims: dict[str, int], mesh: Mesh, dtype=np.float32,
+             image_dtype=np.uint8, name: str = "extract", on_batch=None) -> dict[str, Rows]:
+  """Runs ``fn`` over ``source.images(indices)``; each output stays on the devices as Rows.
+
+  Row ``i`` of every output belongs to device ``i // R`` (``R = ceil(N / S)``), and
+  that device computes it: step ``t`` hands device ``s`` the images of rows
+  ``s*R + t*b ... + b`` (``b = batch_size / S`` per device, the last step taking the
+  last ``b`` rows of the block again), built with ``make_array_from_callback``, so
+  each process decodes only its own devices' images. ``fn`` maps a global batch
+  [S*b, H, W, C] (``image_dtype``, what the source returns) split over the mesh to
+  ``{name: [S*b, d]}``. The next images are read while the devices compute
+  (dispatch is asynchronous). ``on_batch(steps_done)`` is called after each step.
+  """
+  n, shards = len(indices), mesh.size
+  if n < 1:
+    raise ValueError("no images to extract features of.")
+  per_shard = plan_rows(n, shards, 1).rows_per_shard
+  per_device = max(1, min(-(-batch_size // shards), per_shard))
+  steps = -(-per_shard // per_device)
+  sharding = mesh_lib.rows_sharding(mesh)
+  image_shape = tuple(source.image_shape)
+  buffers = {k: layout.zeros(mesh, (shards * per_shard, d), dtype) for k, d in out_dims.items()}
+  write = _write_fn(mesh, per_shard, n)
+  report = logs.progress(f"{name}: {n} images", steps)
+  previous = None
+  for step in range(steps):
+    start = min(step * per_device, per_shard - per_device)
+
+    def images(index, start=start):
+      rows = np.arange(shards * per_device)[index[0]]  # this device's slots in the batch
+      shard, slot = rows // per_device, rows % per_device
+      position = shard * per_shard + start + slot
+      valid = position < n
+      out = np.zeros((len(rows),) + image_shape, image_dtype)
+      if valid.any():
+        out[valid] = source.images(indices[position[valid]])
+      return out
+
+    batch = jax.make_array_from_callback((shards * per_device,) + image_shape, sharding,
+                                         images)
+    result = fn(batch)
+    position = jax.device_put(np.int32(start), mesh_lib.replicated(mesh))
+    buffers = {k: write(buffers[k], result[k], position) for k in buffers}
+    if previous is not None:  # one step in flight: report work done, not dispatched
+      jax.block_until_ready(previous)
+      report(step)
+      if on_batch is not None:
+        on_batch(step)
+    previous = result
+  jax.block_until_ready(previous)
+  report(steps)
+  if on_batch is not None:
+    on_batch(steps)
+  return {k: Rows(v, n) for k, v in buffers.items()}
+
+
 @functools.lru_cache(maxsize=16)
 def _extract_fn(module, image_size: int, layers: tuple[str, ...], pooling_rule: str,
                 max_dim: int):
@@ -162,20 +252,9 @@ def _extract_fn(module, image_size: int, layers: tuple[str, ...], pooling_rule: 
   return apply
 
 
-def extract_features(module, variables, source, *, image_size: int | None = None,
-                     batch_size: int = 512, layers: str | Sequence[str] = (),
-                     indices: np.ndarray | None = None, pooling_rule: str = "adaptive",
-                     max_dim: int = 10_000, dtype=np.float32, mesh: Mesh | None = None,
-                     on_batch=None, name: str = "extract features") -> dict[str, np.ndarray]:
-  """Eval-mode features of ``source`` (or of ``source[indices]``), as numpy.
-
-  Returns ``{'features': [N, D]}`` plus each requested block or conv layer
-  (``layers``: names, or ``'all'`` for every block), pooled and flattened.
-  ``image_size``: side of the centre view (default: the source's own). Rows follow
-  ``indices``. Memory: N x (D + sum of pooled dims) x itemsize of ``dtype``. With a
-  ``mesh`` each batch is split over its devices and ``batch_size`` rounded up to a
-  multiple of the device count.
-  """
+def _prepare(module, variables, source, *, image_size, batch_size, layers, indices,
+             pooling_rule, max_dim, mesh, name):
+  """(indices, batch size, ``{output: dims}``, ``fn(images) -> outputs``) of an extraction."""
   if batch_size < 1:
     raise ValueError(f"batch_size must be positive; got {batch_size}.")
   if pooling_rule not in POOLINGS:
@@ -199,6 +278,53 @@ def extract_features(module, variables, source, *, image_size: int | None = None
     logging.info("%s: %s %s -> %s pooling (%s) -> %d dims", name, k, shapes[k], pooling_rule,
                  how, out_dims[k])
   apply = _extract_fn(module, image_size, tuple(names), pooling_rule, max_dim)
-  return map_batches(lambda images: apply(variables, images), source, indices,
-                     batch_size=batch_size, out_dims=out_dims, dtype=dtype,
-                     mesh=mesh, name=name, on_batch=on_batch)
+  return indices, batch_size, out_dims, lambda images: apply(variables, images)
+
+
+def extract_rows(module, variables, source, *, mesh: Mesh | None = None,
+                 image_size: int | None = None,
+                 batch_size: int = 512, layers: str | Sequence[str] = (),
+                 indices: np.ndarray | None = None, pooling_rule: str = "adaptive",
+                 max_dim: int = 10_000, on_batch=None,
+                 name: str = "extract features") -> dict[str, Rows]:
+  """Eval-mode features of ``source`` (or ``source[indices]``), left on the devices.
+
+  The outputs of :func:`extract_features`, each as float32 :class:`Rows` split over
+  ``mesh`` (default: all devices; :func:`map_rows`): every process reads only its own
+  devices' images and holds only their rows. What clustering reads, on one process
+  or many.
+  """
+  mesh = mesh_lib.make_mesh() if mesh is None else mesh
+  indices, batch_size, out_dims, fn = _prepare(
+      module, variables, source, image_size=image_size, batch_size=batch_size, layers=layers,
+      indices=indices, pooling_rule=pooling_rule, max_dim=max_dim, mesh=mesh, name=name)
+  return map_rows(fn, source, indices, batch_size=batch_size, out_dims=out_dims, mesh=mesh,
+                  name=name, on_batch=on_batch)
+
+
+def extract_features(module, variables, source, *, image_size: int | None = None,
+                     batch_size: int = 512, layers: str | Sequence[str] = (),
+                     indices: np.ndarray | None = None, pooling_rule: str = "adaptive",
+                     max_dim: int = 10_000, dtype=np.float32, mesh: Mesh | None = None,
+                     on_batch=None, name: str = "extract features") -> dict[str, np.ndarray]:
+  """Eval-mode features of ``source`` (or of ``source[indices]``), as numpy.
+
+  Returns ``{'features': [N, D]}`` plus each requested block or conv layer
+  (``layers``: names, or ``'all'`` for every block), pooled and flattened.
+  ``image_size``: side of the centre view (default: the source's own). Rows follow
+  ``indices``. Memory: N x (D + sum of pooled dims) x itemsize of ``dtype``, on
+  every process. With a ``mesh``, :func:`extract_rows` (each device its own rows,
+  ``batch_size`` rounded up to a multiple of the device count) then a gather to every
+  process; without, batches on one device of each process (:func:`map_batches`).
+  """
+  if mesh is not None:
+    rows = extract_rows(module, variables, source, mesh=mesh, image_size=image_size,
+                        batch_size=batch_size, layers=layers, indices=indices,
+                        pooling_rule=pooling_rule, max_dim=max_dim, on_batch=on_batch,
+                        name=name)
+    return {k: v.to_numpy().astype(dtype, copy=False) for k, v in rows.items()}
+  indices, batch_size, out_dims, fn = _prepare(
+      module, variables, source, image_size=image_size, batch_size=batch_size, layers=layers,
+      indices=indices, pooling_rule=pooling_rule, max_dim=max_dim, mesh=None, name=name)
+  return map_batches(fn, source, indices, batch_size=batch_size, out_dims=out_dims,
+                     dtype=dtype, name=name, on_batch=on_batch)

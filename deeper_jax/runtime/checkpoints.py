@@ -31,6 +31,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 from deeper_jax.errors import WorkdirError
 
@@ -95,7 +96,7 @@ class Checkpointer:
         progress=ocp.args.JsonRestore())).progress
     restored = self.manager.restore(index, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(template_for(dict(progress))),
-        clusters=ocp.args.StandardRestore()))
+        clusters=ocp.args.StandardRestore(self._numpy_target(index, "clusters"))))
     clusters = {k: np.asarray(v) for k, v in restored.clusters.items() if k != "empty"}
     return Restored(index, restored.state, clusters, dict(progress))
 
@@ -128,14 +129,26 @@ class Checkpointer:
           "use another --workdir.")
     return None
 
+  def _numpy_target(self, index: int, item: str):
+    """Zeros shaped like ``item`` of checkpoint ``index``: restores it as numpy.
+
+    Without a target Orbax places arrays as they were saved, which fails when the
+    devices differ (a run saved by 2 processes, read by 1; 8 devices, read on 1).
+    """
+    metadata = ocp.StandardCheckpointHandler().metadata(
+        epath.Path(self.directory) / str(index) / item)
+    return jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), metadata.tree)
+
   def restore_state_tree(self) -> dict:
-    """The raw train state (nested numpy dicts) of the newest checkpoint, no template."""
+    """The raw train state (nested numpy dicts) of the newest checkpoint, no template.
+
+    As numpy, whatever devices or processes wrote it."""
     index = self.latest()
     if index is None:
       raise WorkdirError(f"no checkpoint under {self.directory}; point config.train.init_from "
                          "at a training workdir or an export.")
     restored = self.manager.restore(index, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))
+        state=ocp.args.StandardRestore(self._numpy_target(index, "state"))))
     return restored.state
 
   def restore_clusters(self) -> dict:
@@ -144,7 +157,7 @@ class Checkpointer:
     if index is None:
       return {}
     restored = self.manager.restore(index, args=ocp.args.Composite(
-        clusters=ocp.args.StandardRestore()))
+        clusters=ocp.args.StandardRestore(self._numpy_target(index, "clusters"))))
     return {k: np.asarray(v) for k, v in restored.clusters.items() if k != "empty"}
 
   def _move_aside(self, indices: list[int]) -> None:
@@ -155,6 +168,9 @@ class Checkpointer:
         source = os.path.join(self.directory, str(index))
         if os.path.exists(source):
           shutil.move(source, os.path.join(target, str(index)))
+    if jax.process_count() > 1:  # every process must see the same latest checkpoint
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("deeper_jax: damaged checkpoints moved aside")
     self.manager.reload()
 
   def close(self) -> None:

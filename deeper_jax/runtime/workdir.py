@@ -27,6 +27,7 @@ import os
 import socket
 
 import jax
+import numpy as np
 
 from deeper_jax.errors import DataError, WorkdirError
 
@@ -67,10 +68,32 @@ def _json_default(value):
 
 @contextlib.contextmanager
 def lock(workdir: str):
-  """Holds ``<workdir>/run.lock`` for the duration; refuses if a live run holds it."""
-  if jax.process_index() != 0:  # one lock per run: process 0 speaks for the job
+  """Holds ``<workdir>/run.lock`` for the duration; refuses if a live run holds it.
+
+  Process 0 takes the lock for the whole job and tells the others whether it could,
+  so that a refused launch stops every process, not only the one holding the lock.
+  """
+  handle, refusal = None, None
+  if jax.process_index() == 0:
+    handle, refusal = _take_lock(workdir)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    refused = int(multihost_utils.broadcast_one_to_all(np.int32(refusal is not None)))
+    if refused and refusal is None:
+      refusal = (f"workdir {workdir} is in use by a running job (process 0 could not take "
+                 f"{LOCK_FILE}); wait for it to finish or stop it, or use another --workdir.")
+  if refusal is not None:
+    raise WorkdirError(refusal)
+  try:
     yield
-    return
+  finally:
+    if handle is not None:
+      fcntl.flock(handle, fcntl.LOCK_UN)
+      handle.close()
+
+
+def _take_lock(workdir: str):
+  """(open locked handle, None) or (None, why not)."""
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, LOCK_FILE)
   handle = open(path, "a+")
@@ -80,18 +103,14 @@ def lock(workdir: str):
     handle.seek(0)
     holder = handle.read().strip() or "another process"
     handle.close()
-    raise WorkdirError(f"workdir {workdir} is in use by a running job ({holder}); wait for it "
-                       "to finish or stop it, or use another --workdir.") from None
+    return None, (f"workdir {workdir} is in use by a running job ({holder}); wait for it "
+                  "to finish or stop it, or use another --workdir.")
   handle.seek(0)
   handle.truncate()
   started = datetime.datetime.now().isoformat(timespec="seconds")
   handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n")
   handle.flush()
-  try:
-    yield
-  finally:
-    fcntl.flock(handle, fcntl.LOCK_UN)
-    handle.close()
+  return handle, None
 
 
 def _select(config_dict: dict, dotted: str):

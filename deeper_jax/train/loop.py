@@ -12,6 +12,12 @@ same command ends where an uninterrupted run ends:
 * a checkpoint records (phase, cycle, clustered?, epoch, next step of the epoch's plan);
   a run killed during extraction or k-means redoes that clustering from the last
   checkpoint, which is deterministic and therefore gives the same assignments.
+
+Many processes (``--distributed``, docs/scaling.md) run this same loop in lockstep:
+each reads only its devices' images of every batch and of every extraction, the
+clustering comes back to every process as labels, every checkpoint is written by all
+of them together, and a stop (preemption) is agreed on by all before that save
+(runtime/preemption.py). Only process 0 writes the workdir's other files.
 """
 from __future__ import annotations
 
@@ -187,7 +193,7 @@ def _train_and_evaluate(config, workdir, model, datasets, item_ids, fingerprint,
                                                    for k, v in metrics.items()})
             save()
             if stop.requested():
-              return {"stopped": stop.signal_name}
+              return _stopped(stop, writer)
 
         # 6: train T epochs on the pseudo-labels.
         sub_labels = clusters["sub_labels"]
@@ -210,9 +216,9 @@ def _train_and_evaluate(config, workdir, model, datasets, item_ids, fingerprint,
             global_step = first_pending + len(pending)
             for hook in hooks:
               hook(global_step)
+            stopping = stop.at_step(global_step)  # every process, every step
             log_now = global_step % tcfg.log_every_steps == 0 or done_epoch
-            save_now = (global_step % config.checkpoint.every_steps == 0
-                        or stop.requested())
+            save_now = global_step % config.checkpoint.every_steps == 0 or stopping
             if log_now or save_now:
               records = [jax.tree.map(float, m) for m in jax.device_get(pending)]
               _check_finite(records, first_pending + 1, ckpt.latest())
@@ -225,7 +231,7 @@ def _train_and_evaluate(config, workdir, model, datasets, item_ids, fingerprint,
             if save_now and not done_epoch:
               save()
               if stop.requested():
-                return {"stopped": stop.signal_name}
+                return _stopped(stop, writer)
           count, total = progress.pop("epoch_loss_sum", (0, 0.0))
           if count:
             progress["history"][-1].setdefault("epoch_loss", []).append(total / count)
@@ -235,7 +241,7 @@ def _train_and_evaluate(config, workdir, model, datasets, item_ids, fingerprint,
             progress.update(cycle=cycle + 1, clustered=False, epoch=0)
           save()
           if stop.requested():
-            return {"stopped": stop.signal_name}
+            return _stopped(stop, writer)
           if cycle_done:
             break
       if current.index == len(phases) - 1:
@@ -254,7 +260,8 @@ def _train_and_evaluate(config, workdir, model, datasets, item_ids, fingerprint,
   # --- Evaluate ---------------------------------------------------------------
   last = phases[-1]
   ctx = evaluate.Context(
-      model=model, variables={"params": state.params, "batch_stats": state.batch_stats},
+      model=model, variables=_host_copy({"params": state.params,
+                                         "batch_stats": state.batch_stats}),
       config=config, datasets=datasets, mesh=last.mesh, workdir=workdir,
       last_clusters=clusters or None)
   sections = evaluate.run(ctx, config.eval.evaluators)
@@ -280,6 +287,21 @@ def data_report(source) -> dict:
     return {}
   return {"skipped_files": len(skipped),
           "skipped_examples": [f"{path}: {reason}" for path, reason in skipped[:20]]}
+
+
+def _stopped(stop, writer) -> dict:
+  """What a run stopped by a signal returns, its metrics written out first."""
+  writer.flush()
+  return {"stopped": stop.signal_name}
+
+
+def _host_copy(variables: dict) -> dict:
+  """The backbone's variables as numpy on this process.
+
+  Evaluators train their probes on each process's own devices, and place the
+  variables on the mesh themselves where they extract features over all of them.
+  """
+  return jax.device_get(variables)
 
 
 def _with_method(config, method):
@@ -315,6 +337,7 @@ def evaluate_workdir(config, workdir: str) -> dict:
   datasets = data_registry.build_datasets(config.data)
   config_checks.check_against_data(config, datasets)
   model, variables = export.trained_backbone(config, workdir, datasets.train.image_shape[-1])
+  variables = _host_copy(variables)
   last_clusters = None
   if not export.is_export(workdir):
     last_clusters = checkpoints.Checkpointer(workdir).restore_clusters() or None
