@@ -16,3 +16,21 @@ def test_signal_sets_the_stop_request_and_handlers_are_restored(signum):
     assert stop.requested()
     assert stop.signal_name == signal.Signals(signum).name
   assert signal.getsignal(signum) is before
+
+
+def test_saving_a_checkpoint_leaves_jax_preemption_protocol_alone(tmp_path, monkeypatch):
+  """The protocol keeps one step counter per process, driven by the loop's train
+  steps (StopRequest.at_step); Orbax's manager would also call it, with checkpoint
+  numbers, and a job preempted after a resume would then never reach its stop step."""
+  import numpy as np
+  from jax.experimental import multihost_utils
+  from deeper_jax.runtime import checkpoints
+
+  calls = []
+  monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point",
+                      lambda step: calls.append(step) or False)
+  ckpt = checkpoints.Checkpointer(str(tmp_path))
+  for _ in range(2):
+    ckpt.save({"w": np.arange(3.0)}, {"super_labels": np.zeros(4, np.int32)}, {"epoch": 0})
+  assert ckpt.latest() == 1
+  assert calls == []

@@ -51,6 +51,22 @@ def abstract_like(tree) -> Any:
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
+class _Manager(ocp.CheckpointManager):
+  """Orbax's manager, kept out of JAX's preemption protocol.
+
+  ``CheckpointManager.save`` asks ``multihost_utils.reached_preemption_sync_point``
+  with the checkpoint's number. That protocol keeps one step counter per process,
+  which the train loop drives with train steps (runtime/preemption.py); a call with
+  a checkpoint number in between moves it back, and the stop step agreed on after a
+  notice can then be one no process will reach: the job would not stop. Here only
+  the loop decides when a checkpoint is a preemption checkpoint.
+  """
+
+  def reached_preemption(self, step: int) -> bool:
+    del step
+    return False
+
+
 class Checkpointer:
   """Saves and restores ``(state, clusters, progress)`` under ``<workdir>/checkpoints``."""
 
@@ -60,7 +76,7 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
                                            enable_async_checkpointing=False,
                                            cleanup_tmp_directories=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+    self.manager = _Manager(self.directory, options=options, item_names=ITEMS)
 
   def latest(self) -> int | None:
     return self.manager.latest_step()
