@@ -7,12 +7,14 @@ What must be equal, and how equal:
   same labels. Each process extracts its own devices' rows, PCA and k-means run on
   the devices; k-means sums are exact integers, so the same features give the same
   labels bit for bit. The PCA is *not* bit-identical: one process adds the 4 shards'
-  moments in order, gloo's ring all-reduce across 2 processes in another order; its
-  mean and projection agree to ~1e-6 relative, far below what moves a label.
-* per-step losses and the final parameters: to float tolerance (rtol 1e-5 on the
-  losses, 1e-4 of each tensor's scale on the parameters), for the same reason — the
-  gradients' all-reduce adds in gloo's order. (Conv biases followed by BatchNorm
-  get no gradient and sit at ~1e-9, noise: an absolute 1e-7 covers them.)
+  moments in order, gloo's all-reduce across 2 processes in another order. Measured
+  (jax 0.10.2, this CPU): mean within 5e-8 and projection within 7e-6 of their
+  largest entry; asserted: 1e-4 of it, far below what moves a label.
+* per-step losses and the final parameters: to float tolerance, for the same reason
+  (the gradients' all-reduce adds in gloo's order). Measured: losses within 1.4e-7
+  relative, every parameter and optimiser tensor within 1.1e-6 of its largest entry;
+  asserted: rtol 2e-6 and 2e-5 of the scale. (Conv biases followed by BatchNorm get
+  no gradient and sit at ~1e-9, noise: an absolute 1e-7 covers them.)
 * a killed or preempted two-process run, restarted, ends bit-identical to the
   uninterrupted two-process run: both use the same reduction order.
 
@@ -147,7 +149,7 @@ def test_two_processes_cluster_exactly_like_one_process_of_as_many_devices(
   assert len(np.unique(got["super_labels"])) == 2 and len(np.unique(got["sub_labels"])) == 4
   for key in ("pca_mean", "pca_projection"):  # float psum order: not bit for bit
     np.testing.assert_allclose(got[key], want[key], rtol=0,
-                               atol=1e-5 * np.abs(want[key]).max(), err_msg=key)
+                               atol=1e-4 * np.abs(want[key]).max(), err_msg=key)
   final_want = np.load(os.path.join(one_process, "eval", "final_clusters.npz"))
   final_got = np.load(os.path.join(two, "eval", "final_clusters.npz"))
   for key in ("super_labels", "sub_labels"):
@@ -160,12 +162,12 @@ def test_two_processes_train_like_one_process_to_float_tolerance(one_process, tw
   assert sorted(want_losses) == list(range(1, STEPS + 1))
   assert sorted(got_losses) == sorted(want_losses)
   np.testing.assert_allclose([got_losses[s] for s in sorted(want_losses)],
-                             [want_losses[s] for s in sorted(want_losses)], rtol=1e-5)
+                             [want_losses[s] for s in sorted(want_losses)], rtol=2e-6)
   want, got = final_params(one_process), final_params(two)
   assert set(got) == set(want) and int(got["['step']"]) == STEPS
   for key in want:
     np.testing.assert_allclose(got[key], want[key], rtol=0,
-                               atol=1e-4 * np.abs(want[key]).max() + 1e-7, err_msg=key)
+                               atol=2e-5 * np.abs(want[key]).max() + 1e-7, err_msg=key)
   results_want, results_got = (read_json(w, "results.json") for w in (one_process, two))
   for key in ("cluster_size_min", "cluster_size_max", "empty_clusters", "nmi_labels",
               "ari_labels", "purity_labels", "num_clusters"):
