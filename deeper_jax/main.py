@@ -99,6 +99,10 @@ def main(argv):
   logs.quiet_libraries()
   if FLAGS.distributed:
     import jax  # pylint: disable=g-import-not-at-top
+    # CPU devices of different processes need a collectives library to all-reduce
+    # across them; gloo (over TCP) ships with jaxlib. It is jax's default today;
+    # named here so that a CPU job does not depend on that default.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes,
                                process_id=FLAGS.process_id,
