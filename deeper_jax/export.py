@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 from deeper_jax import models
 from deeper_jax.errors import ConfigError
 from deeper_jax.runtime import checkpoints
+from deeper_jax.runtime import mesh as mesh_lib
 
 MODEL_FILE = "model.json"
 VARIABLES_DIR = "variables"
@@ -48,7 +49,20 @@ def load_backbone_variables(path: str, like: dict) -> dict:
   if want != got:
     raise ConfigError(f"the backbone in {path} does not match config.model (its shapes "
                       "differ); use the model config of the run that wrote it.")
-  return jax.tree.map(lambda x, y: jax.numpy.asarray(x, y.dtype), variables, like)
+  variables = jax.tree.map(lambda x, y: jax.numpy.asarray(x, y.dtype), variables, like)
+  return _replicated(variables) if jax.process_count() == 1 else variables
+
+
+def _replicated(variables: dict) -> dict:
+  """One process: the variables replicated on every device.
+
+  A checkpoint is restored as numpy (whatever devices or processes wrote it); a run
+  on as many devices as wrote it used to get them replicated on all of them, and
+  the evaluators' programs (and last bits) follow where their inputs live. Many
+  processes: left on this process's device, so the probes stay per process.
+  """
+  sharding = mesh_lib.replicated(mesh_lib.make_mesh())
+  return jax.tree.map(lambda x: jax.device_put(x, sharding), variables)
 
 
 def export(model_config, variables: dict, path: str) -> str:

@@ -16,6 +16,11 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def pytest_configure(config):
+  """``slow``: tests that launch whole jobs for minutes (deselect: ``-m "not slow"``)."""
+  config.addinivalue_line("markers", "slow: launches whole jobs; minutes on 2 cores.")
+
+
 def test_config(base: str = "tiny", **overrides):
   """``configs/<base>.py`` with dotted overrides: ``test_config(**{'train.batch_size': 32})``."""
   import importlib

@@ -38,6 +38,9 @@ import pytest
 from conftest import REPO
 from deeper_jax.runtime import checkpoints
 
+# Five launches (one 1-process job, four 2-process jobs): ~3 min on 2 shared cores.
+pytestmark = pytest.mark.slow
+
 LAUNCH = os.path.join(REPO, "tests", "launch.py")
 # tiny.py cut down: 512 images, no RotNet warm-up, one cycle of two epochs of 8 steps;
 # a checkpoint every 4 steps, every step's loss logged.

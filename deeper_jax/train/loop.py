@@ -296,11 +296,16 @@ def _stopped(stop, writer) -> dict:
 
 
 def _host_copy(variables: dict) -> dict:
-  """The backbone's variables as numpy on this process.
+  """Many processes: the backbone's variables as numpy on this process.
 
   Evaluators train their probes on each process's own devices, and place the
-  variables on the mesh themselves where they extract features over all of them.
+  variables on the mesh themselves where they extract features over all of them;
+  arrays that span other processes' devices would turn every probe step into a
+  job-wide computation. One process: left as they are, so that the probes' programs
+  (and their last bits) are those of a run before multi-process support.
   """
+  if jax.process_count() == 1:
+    return variables
   return jax.device_get(variables)
 
 
