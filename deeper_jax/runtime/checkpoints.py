@@ -51,6 +51,23 @@ def abstract_like(tree) -> Any:
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
+def _quiet_orbax_read_coroutines() -> None:
+  """Installs (once) the ``sys.unraisablehook`` filter of ``_quiet_aborted_reads``."""
+  previous = sys.unraisablehook
+  if getattr(previous, "deeper_jax_quiet", False):
+    return
+
+  def hook(unraisable):
+    name = getattr(unraisable.object, "__qualname__", "")
+    if name.endswith("_read_array_index_and_device_put"):
+      logging.vlog(1, "ignored after a failed restore: %s", unraisable.exc_value)
+    else:
+      previous(unraisable)
+
+  hook.deeper_jax_quiet = True
+  sys.unraisablehook = hook
+
+
 class _Manager(ocp.CheckpointManager):
   """Orbax's manager, kept out of JAX's preemption protocol.
 
@@ -96,16 +113,15 @@ class Checkpointer:
   @contextlib.contextmanager
   def _quiet_aborted_reads():
     """A failed restore leaves TensorStore read coroutines that Python reports as
-    "Exception ignored" tracebacks when they are collected; the failure itself is
-    reported once, by ``restore``. Collect them here, logged at debug level only."""
-    previous = sys.unraisablehook
-    sys.unraisablehook = lambda unraisable: logging.vlog(
-        1, "ignored after a failed restore: %s", unraisable.exc_value)
+    "Exception ignored" tracebacks when they are collected, which can be long after the
+    restore (Orbax's event loop may hold them); the failure itself is reported once, by
+    ``restore``. From the first restore on, those reports, and only those, are logged at
+    debug level; every other unraisable goes to the previous hook."""
+    _quiet_orbax_read_coroutines()
     try:
       yield
     finally:
       gc.collect()
-      sys.unraisablehook = previous
 
   def _restore_one(self, index: int, template_for: Callable[[dict], Any]) -> Restored:
     progress = self.manager.restore(index, args=ocp.args.Composite(
