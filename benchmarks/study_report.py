@@ -357,6 +357,27 @@ def selection_section(results: dict, choice: dict | None, plan: list) -> str:
           f"(`data.validation_size`); the test split is not read.\n\n{table}\n\n{verdict}")
 
 
+def fidelity_section(results: dict) -> str:
+  """Issue 12's changes one at a time: each run against 'reference' (all of them on)."""
+  module = reproduce_module()
+  done = results.get("fidelity", {})
+  reference = _get(done.get("reference"), "probe", "top1")
+  lines = []
+  for name, overrides in module.FIDELITY.items():
+    run = done.get(name)
+    top1 = _get(run, "probe", "top1") if run else None
+    gap = ("–" if top1 is None or reference is None or name == "reference"
+           else f"{100 * (top1 - reference):+.2f}")
+    lines.append([name, ", ".join(f"`{k}={v}`" for k, v in overrides.items()) or
+                  "(today's defaults)", Stat([top1] if run else []).format(), gap,
+                  Stat([_get(run, "clusters", "nmi_labels")] if run else []).format(1, 3)])
+  table = _markdown_table(["Run", "Reverted", "Probe top-1 (fast, last block)",
+                           "vs reference (points)", "NMI"], lines)
+  return ("DeeperCluster on the long-tailed set (the old default's data), seed 0, test split: "
+          f"{len(done)} of {len(lines)} runs done. One seed: a gap under about 0.5 points is "
+          f"within what a seed moves.\n\n{table}")
+
+
 def _hand_written(path: str) -> str:
   """The human's block of an existing report, or the placeholder."""
   if os.path.exists(path):
@@ -415,6 +436,10 @@ sample sd (ddof = 1) of each method's seeds.
 ## Hyper-parameter selection
 
 {selection_section(results, choice, plan)}
+
+## Fidelity: the reference's training details, one at a time
+
+{fidelity_section(results)}
 
 ## Figures
 

@@ -339,3 +339,16 @@ def test_the_hand_written_paragraph_survives_a_new_report(tmp_path):
     again = f.read()
   assert "At this scale, clustering beats rotation." in again and "<!-- WRITE:" not in again
   assert "**14 of 46 runs of the study are done**" in again
+
+
+def test_the_fidelity_section_gives_each_reverted_change_its_gap_to_the_reference():
+  report = _module("study_report")
+  def run(top1):
+    return {"probe": {"top1": top1}, "clusters": {"nmi_labels": 0.5}}
+  text = report.fidelity_section({"fidelity": {"reference": run(0.88), "pad_crop": run(0.8725)}})
+  rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()
+          if line.startswith("| ") and not line.startswith(("| Run", "| ---"))}
+  assert set(rows) == set(_module("reproduce").FIDELITY)
+  assert "| 87.2 | -0.75 |" in rows["pad_crop"]
+  assert "| – | – | – |" in rows["before"]  # not run: no number is made up
+  assert "2 of 7 runs done" in text
