@@ -1,7 +1,7 @@
 """Evaluator ``knn``: k-nearest-neighbour classification on frozen features (cosine).
 
 A probe with no training and no hyper-parameter search, used beside the
-linear probe (DESIGN §4). Rows are L2-normalised so the dot product is the
+linear probe (docs/method.md, "Evaluation protocols"). Rows are L2-normalised so the dot product is the
 cosine similarity; each test row takes its ``k`` most similar training rows
 and they vote with weight ``exp(sim / temperature)`` (Wu et al. 2018, the
 instance-discrimination paper the DeeperCluster paper compares with; T=0.07).
