@@ -15,33 +15,29 @@ RESULTS.md each time the report is regenerated.
   python benchmarks/reproduce.py --report            # docs/RESULTS.md + docs/study_*.png
   python benchmarks/study_report.py --out DIR --docs DIR
 
-Statistics: the mean and the sample standard deviation (``ddof = 1``) over seeds;
-the standard deviation of a gap between two methods' means is that of a difference of
-independent means, ``sqrt(s_a² / n_a + s_b² / n_b)`` (it needs two seeds of each).
+The numbers come from study_stats.py, the figures from study_plots.py (the notebook
+``notebooks/03_study.ipynb`` uses the same functions).
 """
 from __future__ import annotations
 
 import argparse
-import collections
-import glob
-import importlib.util
-import json
-import math
 import os
 import re
 import sys
-from typing import Callable
-
-import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:  # benchmarks/ is not a package; its modules import each other
+  sys.path.insert(0, HERE)
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from study_plots import plot_curves, plot_probe_by_layer
+from study_stats import (DATA_NAMES, METHOD_NAMES, METRICS, MISSING, Stat, is_quick,
+                         load_choice, load_results, progress, table_cells, targets, value_at,
+                         verdict)
+
 RESULTS_FILE = "RESULTS.md"
 FIGURES = {"probe_fast": "study_probe_fast.png", "probe_paper": "study_probe_paper.png",
            "curves": "study_curves.png"}
-METHOD_NAMES = {"random": "Random init", "rotnet": "RotNet", "deepcluster": "DeepCluster",
-                "deepercluster": "DeeperCluster", "supervised": "Supervised"}
-DATA_NAMES = {"balanced": "balanced", "longtail": "long-tail", "uncurated": "uncurated"}
-MISSING = "–"
 HAND_BEGIN = "<!-- BEGIN hand-written: kept when the report is regenerated -->"
 HAND_END = "<!-- END hand-written -->"
 HAND_PLACEHOLDER = (
@@ -62,209 +58,11 @@ PAPER_TABLE3 = (
     ("DeeperCluster", "YFCC100M", 45.6, 42.1, 73.0),
 )
 
-# The issue's targets, on uncurated data.
-TARGET_PROBE = 0.90          # DeeperCluster's fast probe top-1
-TARGET_MARGIN = 0.01         # its lead over each baseline, and > 2 sd of the gap
-TARGET_SIGMAS = 2.0
-TARGET_NMI = 0.60            # NMI of its final clusters with the classes
-TARGET_CURATION_GAP = 0.01   # |uncurated − balanced| probe top-1
-BASELINES = ("rotnet", "deepcluster", "random")
-
-
-def load_module(name: str, path: str):
-  """A module imported by its file path (benchmarks/ is not a package), once."""
-  if name not in sys.modules:
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-  return sys.modules[name]
-
 
 def reproduce_module():
   """benchmarks/reproduce.py: the plan (which runs the study has) and the candidates."""
-  return load_module("study_reproduce", os.path.join(HERE, "reproduce.py"))
-
-
-# --- reading --------------------------------------------------------------------------
-
-def load_results(out_dir: str) -> dict[str, dict[str, dict]]:
-  """``{part: {name: results.json + study}}`` of every finished run under ``out_dir``."""
-  results = collections.defaultdict(dict)
-  for path in sorted(glob.glob(os.path.join(out_dir, "*", "*.json"))):
-    with open(path) as f:
-      run = json.load(f)
-    if "study" in run:  # select/choice.json is not a run
-      results[run["study"]["part"]][run["study"]["name"]] = run
-  return dict(results)
-
-
-def load_choice(out_dir: str) -> dict | None:
-  path = os.path.join(out_dir, "select", "choice.json")
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
-def is_quick(results: dict) -> bool:
-  """Whether the runs are of ``--quick`` (its plan differs: the curves' k)."""
-  return any(r["study"].get("quick") for part in results.values() for r in part.values())
-
-
-def progress(results: dict, plan: list) -> dict[str, tuple[int, int]]:
-  """``{part: (done, planned)}`` over the plan, and ``'all'``."""
-  counts = {}
-  for run in plan:
-    done, total = counts.get(run.part, (0, 0))
-    counts[run.part] = (done + (run.name in results.get(run.part, {})), total + 1)
-  counts["all"] = tuple(map(sum, zip(*counts.values()))) if counts else (0, 0)
-  return counts
-
-
-# --- statistics -----------------------------------------------------------------------
-
-class Stat:
-  """Mean and sample standard deviation of one cell's values over seeds."""
-
-  def __init__(self, values):
-    self.values = [float(v) for v in values if v is not None]
-
-  @property
-  def n(self) -> int:
-    return len(self.values)
-
-  @property
-  def mean(self) -> float:
-    return float(np.mean(self.values)) if self.values else math.nan
-
-  @property
-  def std(self) -> float:
-    return float(np.std(self.values, ddof=1)) if self.n >= 2 else math.nan
-
-  def format(self, scale: float = 100.0, digits: int = 1) -> str:
-    if not self.n:
-      return MISSING
-    text = f"{scale * self.mean:.{digits}f}"
-    return text + (f" ± {scale * self.std:.{digits}f}" if self.n >= 2 else "")
-
-
-def gap(a: Stat, b: Stat) -> tuple[float, float]:
-  """``mean_a − mean_b`` and its sd, ``sqrt(s_a²/n_a + s_b²/n_b)`` (nan under 2 seeds)."""
-  if a.n < 2 or b.n < 2:
-    return a.mean - b.mean, math.nan
-  return a.mean - b.mean, math.sqrt(a.std ** 2 / a.n + b.std ** 2 / b.n)
-
-
-def _get(run: dict, *keys):
-  """``run[k0][k1]…``, or None where a section or key is missing (an evaluator skipped)."""
-  value = run
-  for key in keys:
-    if not isinstance(value, dict) or key not in value:
-      return None
-    value = value[key]
-  return value
-
-
-# The table's metrics: name -> (column title, value of one run, scale, digits).
-Metric = tuple[str, Callable[[dict], float | None], float, int]
-METRICS: dict[str, Metric] = {
-    "probe": ("Probe top-1 (fast, last block)", lambda r: _get(r, "probe", "top1"), 100, 1),
-    "probe_paper": ("Probe top-1 (paper, best layer)",
-                    lambda r: _get(r, "probe_paper", "top1"), 100, 1),
-    "knn": ("kNN-20 top-1", lambda r: _get(r, "knn", "top1"), 100, 1),
-    "nmi": ("NMI", lambda r: _get(r, "clusters", "nmi_labels"), 1, 3),
-    "pixel_nmi": ("NMI pixel k-means", lambda r: _get(r, "clusters", "pixel_kmeans_nmi_labels"),
-                  1, 3),
-    "ari": ("ARI", lambda r: _get(r, "clusters", "ari_labels"), 1, 3),
-    "ft1_pretrained": ("FT 1% pretrained",
-                       lambda r: _get(r, "finetune", "top1", "1%", "pretrained"), 100, 1),
-    "ft1_scratch": ("FT 1% scratch", lambda r: _get(r, "finetune", "top1", "1%", "scratch"),
-                    100, 1),
-    "ft10_pretrained": ("FT 10% pretrained",
-                        lambda r: _get(r, "finetune", "top1", "10%", "pretrained"), 100, 1),
-    "ft10_scratch": ("FT 10% scratch",
-                     lambda r: _get(r, "finetune", "top1", "10%", "scratch"), 100, 1),
-    "wall": ("Wall time / run (min)", lambda r: _get(r, "study", "wall_seconds"), 1 / 60, 1),
-}
-
-
-def table_cells(results: dict, plan: list) -> list[dict]:
-  """One row per (method, data) of the plan's table: runs done, planned, a Stat per metric."""
-  rows = {}
-  for run in plan:
-    if run.part != "table":
-      continue
-    row = rows.setdefault((run.method, run.data), {"method": run.method, "data": run.data,
-                                                   "planned": 0, "runs": []})
-    row["planned"] += 1
-    done = results.get("table", {}).get(run.name)
-    if done is not None:
-      row["runs"].append(done)
-  for row in rows.values():
-    row["stats"] = {name: Stat(get(r) for r in row["runs"])
-                    for name, (_, get, _, _) in METRICS.items()}
-    ks = sorted({_get(r, "clusters", "num_clusters") for r in row["runs"]} - {None})
-    row["k"] = "/".join(str(k) for k in ks) or MISSING
-    best = collections.Counter(_get(r, "probe_paper", "best_layer") for r in row["runs"])
-    best.pop(None, None)
-    row["paper_layer"] = best.most_common(1)[0][0] if best else ""
-  return list(rows.values())
-
-
-def stat(rows: list[dict], method: str, data: str, metric: str) -> Stat:
-  for row in rows:
-    if row["method"] == method and row["data"] == data:
-      return row["stats"][metric]
-  return Stat([])
-
-
-# --- the targets ----------------------------------------------------------------------
-
-def _verdict(ok: bool | None) -> str:
-  return {True: "holds", False: "does not hold", None: "not known yet"}[ok]
-
-
-def _pct(stat_: Stat) -> str:
-  return f"{stat_.format()} % (n = {stat_.n})" if stat_.n else "no runs yet"
-
-
-def targets(rows: list[dict]) -> list[dict]:
-  """The issue's targets on uncurated data, each ``{'target', 'holds', 'figures'}``.
-
-  ``holds`` is True / False, or None when the runs it needs are not done.
-  """
-  dc = stat(rows, "deepercluster", "uncurated", "probe")
-  out = [{"target": f"DeeperCluster's probe top-1 on uncurated data ≥ {100 * TARGET_PROBE:g} %",
-          "holds": dc.mean >= TARGET_PROBE if dc.n else None, "figures": _pct(dc)}]
-  for name in BASELINES:
-    other = stat(rows, name, "uncurated", "probe")
-    diff, sd = gap(dc, other) if dc.n and other.n else (math.nan, math.nan)
-    ok = None if math.isnan(sd) else bool(diff >= TARGET_MARGIN and diff > TARGET_SIGMAS * sd)
-    figures = (f"DeeperCluster {_pct(dc)}, {METHOD_NAMES[name]} {_pct(other)}; gap "
-               + (f"{100 * diff:+.2f} points" if not math.isnan(diff) else MISSING)
-               + (f", sd of the gap {100 * sd:.2f}, {TARGET_SIGMAS:g} sd = "
-                  f"{100 * TARGET_SIGMAS * sd:.2f}" if not math.isnan(sd)
-                  else " (its sd needs ≥ 2 seeds of each)"))
-    out.append({"target": f"ahead of {METHOD_NAMES[name]} by ≥ {100 * TARGET_MARGIN:g} point "
-                          f"and by > {TARGET_SIGMAS:g} sd of the gap",
-                "holds": ok, "figures": figures})
-  nmi = stat(rows, "deepercluster", "uncurated", "nmi")
-  pixels = stat(rows, "deepercluster", "uncurated", "pixel_nmi")
-  out.append({"target": f"NMI of its final clusters ≥ {TARGET_NMI:.2f}",
-              "holds": nmi.mean >= TARGET_NMI if nmi.n else None,
-              "figures": f"NMI {nmi.format(1, 3)} (n = {nmi.n})"})
-  out.append({"target": "NMI of its clusters above k-means on pixels at the same k",
-              "holds": nmi.mean > pixels.mean if nmi.n and pixels.n else None,
-              "figures": f"NMI {nmi.format(1, 3)} vs pixel k-means {pixels.format(1, 3)}"})
-  balanced = stat(rows, "deepercluster", "balanced", "probe")
-  diff = dc.mean - balanced.mean
-  out.append({"target": f"uncurated vs balanced probe top-1 within "
-                        f"{100 * TARGET_CURATION_GAP:g} point (DeeperCluster)",
-              "holds": abs(diff) <= TARGET_CURATION_GAP if dc.n and balanced.n else None,
-              "figures": f"uncurated {_pct(dc)}, balanced {_pct(balanced)}; difference "
-                         + (f"{100 * diff:+.2f} points" if dc.n and balanced.n else MISSING)})
-  return out
+  import reproduce  # pylint: disable=g-import-not-at-top  (it imports this module too)
+  return reproduce
 
 
 # --- markdown -------------------------------------------------------------------------
@@ -300,7 +98,7 @@ def paper_table() -> str:
 
 
 def targets_lines(checks: list[dict]) -> str:
-  return "\n".join(f"- {c['target']}: **{_verdict(c['holds'])}** ({c['figures']})"
+  return "\n".join(f"- {c['target']}: **{verdict(c['holds'])}** ({c['figures']})"
                    for c in checks)
 
 
@@ -324,8 +122,8 @@ def selection_section(results: dict, choice: dict | None, plan: list) -> str:
     diagnostic = module.is_diagnostic(run.name)
     lines.append([f"**{run.name}**" if chosen else run.name,
                   _candidate_text(module, run.name, overrides),
-                  Stat([_get(done, "probe", "top1")] if done else []).format(),
-                  Stat([_get(done, "clusters", "nmi_labels")] if done else []).format(1, 3),
+                  Stat([value_at(done, "probe", "top1")] if done else []).format(),
+                  Stat([value_at(done, "clusters", "nmi_labels")] if done else []).format(1, 3),
                   "chosen" if chosen else "diagnostic" if diagnostic else ""])
   table = _markdown_table(["Candidate", "Overrides", "Validation probe top-1 (fast)",
                            "NMI (train set)", ""], lines)
@@ -361,16 +159,16 @@ def fidelity_section(results: dict) -> str:
   """Issue 12's changes one at a time: each run against 'reference' (all of them on)."""
   module = reproduce_module()
   done = results.get("fidelity", {})
-  reference = _get(done.get("reference"), "probe", "top1")
+  reference = value_at(done.get("reference"), "probe", "top1")
   lines = []
   for name, overrides in module.FIDELITY.items():
     run = done.get(name)
-    top1 = _get(run, "probe", "top1") if run else None
+    top1 = value_at(run, "probe", "top1") if run else None
     gap = ("–" if top1 is None or reference is None or name == "reference"
            else f"{100 * (top1 - reference):+.2f}")
     lines.append([name, ", ".join(f"`{k}={v}`" for k, v in overrides.items()) or
                   "(today's defaults)", Stat([top1] if run else []).format(), gap,
-                  Stat([_get(run, "clusters", "nmi_labels")] if run else []).format(1, 3)])
+                  Stat([value_at(run, "clusters", "nmi_labels")] if run else []).format(1, 3)])
   table = _markdown_table(["Run", "Reverted", "Probe top-1 (fast, last block)",
                            "vs reference (points)", "NMI"], lines)
   return ("DeeperCluster on the long-tailed set (the old default's data), seed 0, test split: "
@@ -457,108 +255,6 @@ clusters k and against the fraction of the uncurated images (Fig. 3 of the paper
 """
 
 
-# --- figures --------------------------------------------------------------------------
-
-def _new_figure(width: float = 6.0, height: float = 3.8):
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-  fig = Figure(figsize=(width, height), dpi=100)
-  return fig, fig.add_subplot()
-
-
-def probe_by_layer(results: dict, section: str, data: str = "uncurated") -> dict:
-  """``{method: {layer: Stat}}`` of the table's runs on ``data`` (``section``: probe or
-  probe_paper), layers in depth order."""
-  out = {}
-  for name in METHOD_NAMES:
-    runs = [r for r in results.get("table", {}).values()
-            if r["study"]["method"] == name and r["study"]["data"] == data
-            and _get(r, section, "by_layer")]
-    if runs:
-      layers = list(runs[0][section]["by_layer"])
-      out[name] = {layer: Stat(_get(r, section, "by_layer", layer) for r in runs)
-                   for layer in layers}
-  return out
-
-
-def plot_probe_by_layer(results: dict, section: str, path: str | None = None,
-                        data: str = "uncurated"):
-  """One line per method: mean top-1 by layer, sd as error bars. None without runs."""
-  curves = probe_by_layer(results, section, data)
-  if not curves:
-    return None
-  fig, ax = _new_figure(7.0 if section == "probe_paper" else 6.0)
-  layers = list(max(curves.values(), key=len))
-  for name, by_layer in curves.items():
-    x = [layers.index(layer) for layer in by_layer if layer in layers]
-    stats = [by_layer[layer] for layer in by_layer if layer in layers]
-    ax.errorbar(x, [100 * s.mean for s in stats],
-                yerr=[100 * s.std if s.n >= 2 else 0 for s in stats], marker="o",
-                capsize=3, label=f"{METHOD_NAMES[name]} (n = {stats[0].n})")
-  ax.set_xticks(range(len(layers)))
-  ax.set_xticklabels(layers, rotation=30 if len(layers) > 6 else 0)
-  protocol = "paper protocol, conv layers" if section == "probe_paper" else \
-      "fast protocol, blocks"
-  ax.set(xlabel="layer", ylabel="top-1 (%)", title=f"Linear probe by layer ({protocol}), "
-                                                    f"{DATA_NAMES[data]} data")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  if path:
-    fig.savefig(path)
-  return fig
-
-
-def curve_points(results: dict) -> dict[str, list[tuple[float, float, float | None]]]:
-  """``{'k': [(k, fast top-1, paper top-1)], 'fraction': [(fraction, …)]}``, sorted.
-
-  The whole-data point is the table's seed-0 DeeperCluster run on uncurated data (the
-  same config as the curves, with all the images).
-  """
-  curves = results.get("curves", {})
-  full = results.get("table", {}).get("uncurated__deepercluster__seed0")
-  point = lambda r, x: (x, _get(r, "probe", "top1"), _get(r, "probe_paper", "top1"))
-  by_k = [point(r, _get(r, "clusters", "num_clusters")) for name, r in curves.items()
-          if name.startswith("clusters_k")]
-  by_data = []
-  if full is not None:
-    images = _get(full, "run", "train_images")
-    by_data = [point(r, _get(r, "run", "train_images") / images)
-               for name, r in curves.items() if name.startswith("data_")]
-    by_data.append(point(full, 1.0))
-  valid = lambda pts: sorted(p for p in pts if p[0] is not None and p[1] is not None)
-  return {"k": valid(by_k), "fraction": valid(by_data)}
-
-
-def plot_curves(results: dict, path: str | None = None):
-  """Fig. 3-like: probe top-1 vs k (log axis) and vs the fraction of data. None if empty."""
-  points = curve_points(results)
-  if not any(points.values()):
-    return None
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-  fig = Figure(figsize=(10.0, 3.8), dpi=100)
-  axes = fig.subplots(1, 2)
-  for ax, (key, label) in zip(axes, (("k", "number of clusters k"),
-                                     ("fraction", "fraction of the uncurated images"))):
-    pts = points[key]
-    if pts:
-      x = [p[0] for p in pts]
-      ax.plot(x, [100 * p[1] for p in pts], "o-", label="fast probe, last block")
-      paper = [(p[0], p[2]) for p in pts if p[2] is not None]
-      if paper:
-        ax.plot([p[0] for p in paper], [100 * p[1] for p in paper], "s--",
-                label="paper probe, best layer")
-      ax.set_xscale("log", base=2)
-      ax.set_xticks(x)
-      ax.set_xticklabels([f"{v:g}" if key == "k" else f"{v:.2g}" for v in x])
-      ax.legend(fontsize=8)
-    ax.set(xlabel=label, ylabel="top-1 (%)", title=f"DeeperCluster, uncurated: vs {key}")
-    ax.grid(alpha=0.3)
-  fig.tight_layout()
-  if path:
-    fig.savefig(path)
-  return fig
-
-
 # --- the report -----------------------------------------------------------------------
 
 def write_report(out_dir: str, docs_dir: str) -> dict:
@@ -605,3 +301,4 @@ def main() -> None:
 
 if __name__ == "__main__":
   main()
+

@@ -304,13 +304,13 @@ def test_each_target_fails_on_its_own_numbers(tmp_path):
 
 
 def test_the_sd_of_a_gap_is_that_of_a_difference_of_independent_means(tmp_path):
-  study_report = _module("study_report")
+  stats = _module("study_stats")
   a, b = [0.95, 0.952, 0.948], [0.80, 0.96, 0.90]
-  diff, sd = study_report.gap(study_report.Stat(a), study_report.Stat(b))
+  diff, sd = stats.gap(stats.Stat(a), stats.Stat(b))
   var = lambda v: sum((x - sum(v) / len(v)) ** 2 for x in v) / (len(v) - 1)
   assert diff == pytest.approx(sum(a) / 3 - sum(b) / 3)
   assert sd == pytest.approx(math.sqrt(var(a) / 3 + var(b) / 3))
-  assert math.isnan(study_report.gap(study_report.Stat(a), study_report.Stat([0.9]))[1])
+  assert math.isnan(stats.gap(stats.Stat(a), stats.Stat([0.9]))[1])
 
 
 def test_missing_runs_make_a_target_not_known_rather_than_failed(tmp_path):
