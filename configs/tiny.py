@@ -10,6 +10,7 @@ from configs import default
 
 def get_config():
   config = default.get_config()
+  config.data.name = "fashion_mnist_longtail"  # no clutter to build: a faster start
   config.data.max_train_images = 2048
   config.model.width = 8
   config.model.feature_dim = 64
