@@ -6,12 +6,17 @@ this process's blocks, in plan order; broken files of an image folder are replac
 reported as the synchronous path replaces and reports them.
 """
 import os
+import signal
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
+from conftest import REPO
 from deeper_jax.data import ImageFolderSource, load_fashion_mnist, pipeline, sampler
 from deeper_jax.data.sources import resized
 
@@ -151,3 +156,31 @@ def test_device_batch_assembles_the_prefetched_blocks_of_each_device(with_device
   """)
   assert info["same"] == [True, True]
   assert len(info["blocks"]) == len({tuple(b) for b in info["blocks"]}) == 8
+
+
+def test_workers_of_a_killed_run_exit_with_it():
+  """A run killed outright (SIGKILL, OOM) cannot close its pipeline: its worker processes
+  notice their parent is gone and exit, instead of holding its output pipes forever."""
+  code = textwrap.dedent("""
+    import glob, os, signal
+    import numpy as np
+    from deeper_jax.data import load_fashion_mnist, pipeline
+    plan = (np.arange(50 * 4 * 8).reshape(50, 4, 8) % 1000).astype(np.int32)
+    feed = pipeline.batches(load_fashion_mnist('test'), plan, [(slice(0, 4), slice(0, 8))],
+                            workers=2, kind='processes')
+    next(feed)
+    children = []
+    for path in glob.glob(f'/proc/{os.getpid()}/task/*/children'):
+      children += open(path).read().split()
+    print(' '.join(children), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+  """)
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+  # capture_output: run() returns only once every holder of the pipes (workers too) exits.
+  proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+  children = proc.stdout.split()
+  assert len(children) >= 2  # the two workers (and multiprocessing's resource tracker)
+  for pid in children:
+    assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read()

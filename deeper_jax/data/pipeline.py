@@ -38,7 +38,12 @@ its decode found (index, reason), and the consumer records them on the run's sou
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
+import signal
+import threading
+import time
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -120,6 +125,23 @@ class StepReader:
     return tuple(out), new
 
 
+def _exit_with_parent(parent_pid: int, worker_index: int, worker_count: int) -> None:
+  """Runs in each worker process: the worker kills itself once its parent is gone.
+
+  A run killed outright (SIGKILL, the OOM killer, a lost node) cannot stop its grain
+  workers, and they would wait forever on their full queues, holding the run's
+  stdout/stderr open; they poll for their parent instead.
+  """
+  del worker_index, worker_count
+
+  def watch():
+    while os.getppid() == parent_pid:
+      time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+  threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _absl_flags_parsed() -> None:
   """grain's process workers read absl flags; outside an absl app (tests, benchmarks,
   notebooks) nothing parsed them, so they are marked parsed, at their defaults."""
@@ -164,7 +186,8 @@ def batches(source: Source, plan: np.ndarray, blocks: Sequence[Block], *, start:
     iterable = dataset.to_iter_dataset(
         grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)).mp_prefetch(
             grain.MultiprocessingOptions(num_workers=workers,
-                                         per_worker_buffer_size=math.ceil(prefetch / workers)))
+                                         per_worker_buffer_size=math.ceil(prefetch / workers)),
+            worker_init_fn=functools.partial(_exit_with_parent, os.getpid()))
     merge = True
   iterator = iter(iterable)
   try:
