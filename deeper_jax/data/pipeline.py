@@ -194,6 +194,9 @@ def batches(source: Source, plan: np.ndarray, blocks: Sequence[Block], *, start:
     for blocks_out, failures in iterator:
       if merge:
         merge_failures(source, failures)
+        # Process workers hand over arrays in shared memory, unlinked when collected;
+        # plain copies (a few ms a batch) leave nothing for JAX to alias into them.
+        blocks_out = tuple(np.array(block) for block in blocks_out)
       yield blocks_out
   finally:
     close = getattr(iterator, "close", None)
