@@ -107,7 +107,8 @@ class StepReader:
     self._source, self._plan, self._start = source, plan, int(start)
     self._blocks = tuple((rows, cols) for rows, cols in blocks)
     self._shape = tuple(source.image_shape)
-    self._seen_failures = 0
+    # Failures already known travel with the source; only new ones go with an element.
+    self._seen_failures = len(_failures(source))
 
   def __len__(self) -> int:
     return len(self._plan) - self._start
