@@ -27,7 +27,9 @@ Three ways to decode (``config.data.workers`` / ``worker_kind``), decided per so
   the source is pickled to each worker once per epoch (an image folder: its path list;
   an ArrayRecord source: its shard paths, re-opened in the worker), never per batch.
   Spawned workers import the packages afresh: a few seconds per epoch, noise beside
-  the thousands of steps of a real epoch.
+  the thousands of steps of a real epoch. As with any ``spawn``, a script that starts
+  them needs the ``if __name__ == "__main__":`` guard. Batches come back through shared
+  memory and are copied into plain arrays; workers exit when their parent is killed.
 
 ``auto`` picks processes for sources that decode files and threads otherwise.
 
