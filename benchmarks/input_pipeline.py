@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import importlib.util
 import os
 import platform
 import tempfile
@@ -98,19 +97,10 @@ def step_args(args) -> argparse.Namespace:
                              num_super_clusters=2, num_sub_clusters=125, sobel=True)
 
 
-def train_step_benchmark():
-  """benchmarks/train_step_vs_torch.py as a module (its model, config and state)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_step_vs_torch.py")
-  spec = importlib.util.spec_from_file_location("train_step_vs_torch", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def make_step(args):
   """(step, state, mesh, config) of deeper_jax's train step, as train/loop.py builds it."""
   import jax
-  ts = train_step_benchmark()
+  import train_step_vs_torch as ts  # benchmarks/ is the script's folder: sys.path[0]
   from deeper_jax.runtime import mesh as mesh_lib
   from deeper_jax.train import step as step_lib
   sargs = step_args(args)
