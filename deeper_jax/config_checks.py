@@ -105,7 +105,7 @@ def _registries() -> dict[str, tuple]:
   # Local imports: the registries pull in the data, model and evaluator packages.
   from deeper_jax import augment, evaluate, models
   from deeper_jax.cluster import checks as cluster_checks
-  from deeper_jax.data import registry
+  from deeper_jax.data import pipeline, registry
   from deeper_jax.evaluate import knn
   from deeper_jax.models import architectures, initializers
   from deeper_jax.train import losses, step
@@ -113,7 +113,8 @@ def _registries() -> dict[str, tuple]:
           "dtypes": tuple(architectures.DTYPES), "inits": initializers.LINEAR_INITS,
           "losses": tuple(losses.LOSSES), "sub_head_grads": step.SUB_HEAD_GRADS,
           "kmeans_inits": cluster_checks.INITS, "crops": augment.CROPS,
-          "evaluators": tuple(evaluate.EVALUATORS), "weightings": knn.WEIGHTINGS}
+          "evaluators": tuple(evaluate.EVALUATORS), "weightings": knn.WEIGHTINGS,
+          "worker_kinds": pipeline.WORKER_KINDS}
 
 
 def rules() -> dict[str, Callable]:
@@ -132,6 +133,8 @@ def rules() -> dict[str, Callable]:
       "data.max_train_images": nonneg, "data.max_eval_images": nonneg, "data.seed": nonneg,
       "data.download": boolean, "data.eval_dir": folder, "data.labels_from_subdirs": boolean,
       "data.tfds_name": text, "data.train_split": text, "data.test_split": text,
+      "data.workers": integer(0, 256), "data.worker_kind": choice(reg["worker_kinds"]),
+      "data.prefetch": integer(1, 1024),
       "model.name": choice(reg["models"]), "model.sobel": boolean,
       "model.folded_sobel": boolean, "model.width": integer(0, 4096),
       "model.feature_dim": integer(0, 1 << 16), "model.dropout": real(0.0, 1.0, open_high=True),

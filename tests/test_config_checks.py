@@ -31,6 +31,9 @@ from deeper_jax.train import step as step_lib
     ({"data.image_size": 4}, r"image_size=4 .*raise"),
     ({"model.std": (0.0,)}, r"std=\(0\.0,\) must hold positive numbers"),
     ({"train.init_from": "/no/such/run"}, r"init_from='/no/such/run' does not exist"),
+    ({"data.workers": -1}, r"config\.data\.workers=-1 must be ≥ 0"),
+    ({"data.worker_kind": "fibers"}, r"worker_kind='fibers' must be one of \('auto', "),
+    ({"data.prefetch": 0}, r"config\.data\.prefetch=0 must be ≥ 1"),
 ])
 def test_a_bad_field_is_named_with_its_fix(overrides, match):
   with pytest.raises(ConfigError, match=match) as error:

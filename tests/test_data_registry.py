@@ -219,6 +219,7 @@ class TestRegistry:
   @pytest.mark.parametrize("name, channels, expected", [
       ("fashion_mnist", 0, 1), ("fashion_mnist_longtail", 3, 1), ("digits", 0, 1),
       ("image_folder", 0, 3), ("image_folder", 1, 1), ("tfds", 0, 3), ("tfds", 1, 1),
+      ("array_record", 0, 3), ("array_record", 1, 1),
   ])
   def test_image_channels_known_from_the_config(self, name, channels, expected):
     assert registry.image_channels(data_config(name=name, channels=channels)) == expected
@@ -228,7 +229,8 @@ class TestRegistry:
       build_datasets(data_config(name="imagenet"))
     assert "config.data.name='imagenet'" in str(info.value)
     assert set(DATASETS) == {"fashion_mnist", "fashion_mnist_longtail",
-                             "fashion_mnist_uncurated", "digits", "image_folder", "tfds"}
+                             "fashion_mnist_uncurated", "digits", "image_folder",
+                             "array_record", "tfds"}
     assert all(name in str(info.value) for name in DATASETS)
 
   def test_every_field_is_read_strictly(self):

@@ -135,6 +135,24 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(reference, tmp_path):
   assert_same_end(workdir, reference)
 
 
+def test_input_pipeline_workers_change_no_bit(reference, tmp_path):
+  """The reference decodes with the default pipeline (2 threads ahead of the step, for
+  in-memory Fashion-MNIST). Decoding in the training thread (workers=0), and in 2
+  spawned processes with a SIGKILL mid-epoch and a resume, end bit-identical to it."""
+  workdir = tmp_path / "synchronous"
+  proc = launch(workdir, "--config.data.workers=0")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert_same_end(workdir, reference)
+  workdir = tmp_path / "processes"
+  processes = ("--config.data.workers=2", "--config.data.worker_kind=processes")
+  proc = launch(workdir, *processes, kill_at="step:70")
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+  proc = launch(workdir, *processes)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "resumed from checkpoint" in proc.stderr
+  assert_same_end(workdir, reference)
+
+
 def test_more_cycles_continue_a_finished_run_and_fewer_are_refused(reference):
   """Issue 16.9: the reference ran 1 cycle, then was relaunched with 2; the killed and
   preempted runs above, trained straight to 2 cycles, end bit-identical to it. Asking for

@@ -10,6 +10,8 @@ Each image gets an identity string, cheap to compute for the source it comes fro
   file rewritten in place does not. File names that are not valid UTF-8 are
   written with ``\\xNN`` escapes, so that the identities can be stored as text;
 * tfds: ``name/split/index`` (prepared datasets are immutable);
+* packed folder (ArrayRecord): ``relative path \\t bytes \\t sha1`` from its index, written
+  when packed (no record is read), so a folder packed again gives the same identities;
 * in-memory arrays (Fashion-MNIST, digits): a hash of the image's pixels.
 
 Views are seen through: a ``SubsetSource`` gives its base's identities of the
@@ -67,6 +69,9 @@ def item_ids(source) -> list[str]:
   base, indices = _unwrap(source)
   if isinstance(base, ImageFolderSource):
     return _folder_ids(base, indices)
+  if type(base).__name__ == "ArrayRecordSource":
+    return ["\t".join((_printable(base.items[i][0]), *map(str, base.items[i][1:])))
+            for i in indices.tolist()]
   if type(base).__name__ == "TfdsSource":
     return [f"{base.name}/{base.split}/{i}" for i in indices.tolist()]
   ids = []

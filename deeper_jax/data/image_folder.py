@@ -113,6 +113,8 @@ class ImageFolderSource:
     num_threads: decode threads per ``images()`` call (PIL releases the GIL).
   """
 
+  decodes_files = True  # the input pipeline's 'auto' decodes it in worker processes
+
   def __init__(self, root: str, image_size: int, *, labels_from_subdirs: bool = False,
                channels: int = 3, extensions: Sequence[str] = DEFAULT_EXTENSIONS,
                class_names: Sequence[str] | None = None, check_headers: bool = True,
@@ -171,6 +173,7 @@ class ImageFolderSource:
     if self._labels is not None:
       self._labels.setflags(write=False)
     self._bad: set[int] = set()  # indices found undecodable at read time
+    self._read_failures: list[tuple[int, str]] = []  # (index, reason), in the order found
     self._substitute: dict[int, int] = {}
     self._lock = threading.Lock()
     self._pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -228,6 +231,29 @@ class ImageFolderSource:
       line += f", first: {self.skipped[0][0]}: {self.skipped[0][1]}"
     return line + f"; {self.num_ignored} non-image files ignored."
 
+  def read_failures(self) -> list[tuple[int, str]]:
+    """``(index, reason)`` of every file found undecodable at read time, in the order found."""
+    return list(self._read_failures)
+
+  def record_read_failures(self, failures) -> None:
+    """Records failures another copy of this source found (the input pipeline's workers).
+
+    Afterwards this copy skips those files as if it had failed on them itself (the
+    substitutes are the same: they depend only on which files decode).
+    """
+    for index, reason in failures:
+      self._record_failure(int(index), reason)
+
+  def _record_failure(self, index: int, reason: str) -> None:
+    with self._lock:
+      if index in self._bad:
+        return
+      self._bad.add(index)
+      self._read_failures.append((index, reason))
+      self.skipped.append((self.paths[index], reason))
+      logging.warning("Skipping undecodable image %s (%s); %s", self.paths[index], reason,
+                      self.report())
+
   def _try_decode(self, index: int) -> np.ndarray | None:
     """The decoded image, or ``None`` (recorded once) if it fails to decode."""
     if index in self._bad:
@@ -235,13 +261,7 @@ class ImageFolderSource:
     try:
       return imaging.decode_file(self.paths[index], self._size, self._channels)
     except Exception as e:  # pylint: disable=broad-except  # PIL raises many types
-      with self._lock:
-        if index not in self._bad:
-          self._bad.add(index)
-          reason = f"decode failed at read time: {type(e).__name__}: {e}"
-          self.skipped.append((self.paths[index], reason))
-          logging.warning("Skipping undecodable image %s (%s: %s); %s", self.paths[index],
-                          type(e).__name__, e, self.report())
+      self._record_failure(index, f"decode failed at read time: {type(e).__name__}: {e}")
       return None
 
   def _decode_substitute(self, index: int) -> np.ndarray:

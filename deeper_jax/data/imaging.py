@@ -22,6 +22,7 @@ are explicit about what PIL would otherwise get wrong or make expensive:
 """
 from __future__ import annotations
 
+import io
 import os
 import stat
 
@@ -130,13 +131,37 @@ def decode_file(path: str, size: int, channels: int) -> np.ndarray:
   if not stat.S_ISREG(os.stat(path).st_mode):
     raise OSError(f"{path} is not a regular file")
   with Image.open(path) as image:
+    return _decode_opened(image, size, channels)
+
+
+def decode_bytes(data: bytes, size: int, channels: int) -> np.ndarray:
+  """``decode_file`` of an image file's bytes (ArrayRecord shards hold them): same pixels."""
+  with Image.open(io.BytesIO(data)) as image:
+    return _decode_opened(image, size, channels)
+
+
+def verify_bytes(data: bytes) -> None:
+  """Raises unless ``data`` is an image that decodes in full (the packer's check).
+
+  Stricter than a header read: every pixel is decoded at full size (no draft), so a
+  truncated JPEG or PNG fails here rather than at training time.
+  """
+  if not data:
+    raise ValueError("empty file")
+  with Image.open(io.BytesIO(data)) as image:
     check_pixels(image)
-    image.draft(None, (size, size))  # no-op for formats other than JPEG
     image.load()
-    image = ImageOps.exif_transpose(image)
-    image = to_mode(image, channels)
-    image = resize_center_crop(image, size)
-    return pil_to_array(image, channels)
+    to_mode(ImageOps.exif_transpose(image), 3)
+
+
+def _decode_opened(image: Image.Image, size: int, channels: int) -> np.ndarray:
+  check_pixels(image)
+  image.draft(None, (size, size))  # no-op for formats other than JPEG
+  image.load()
+  image = ImageOps.exif_transpose(image)
+  image = to_mode(image, channels)
+  image = resize_center_crop(image, size)
+  return pil_to_array(image, channels)
 
 
 def resize_array(image: np.ndarray, size: int) -> np.ndarray:

@@ -7,6 +7,10 @@
   backbone was pre-trained on YFCC); ``None`` when there is none.
 * ``test``: labelled test split for probe accuracy; ``None`` when there is none.
 
+``'image_folder'`` reads a folder of image files, ``'array_record'`` the same folder
+packed into ArrayRecord shards (``python -m deeper_jax.data.pack``): same images, same
+order, same pixels; both take probe folders from ``data.eval_dir``.
+
 Every source returns square ``uint8`` images of side ``data.load_size`` (0 = the
 network's ``data.image_size``): the training step draws its random crops from them
 and the extraction takes their centre ``image_size`` square (deeper_jax/augment.py).
@@ -121,8 +125,26 @@ def _image_folder(data_config: Any) -> Datasets:
   size, channels = load_size(data_config), _channels(data_config)
   train = ImageFolderSource(data_dir, size, channels=channels,
                             labels_from_subdirs=data_config.labels_from_subdirs)
+  return Datasets(train, *_eval_folders(data_config))
+
+
+def _array_record(data_config: Any) -> Datasets:
+  # Imported here: it imports grain, which only runs that read shards need.
+  from deeper_jax.data import array_record_source  # pylint: disable=g-import-not-at-top
+  if not data_config.data_dir:
+    raise ConfigError(
+        "config.data.data_dir must name a packed folder (python -m deeper_jax.data.pack) when "
+        "config.data.name='array_record'.")
+  train = array_record_source.ArrayRecordSource(
+      data_config.data_dir, load_size(data_config), channels=_channels(data_config))
+  return Datasets(train, *_eval_folders(data_config))
+
+
+def _eval_folders(data_config: Any) -> tuple[Source | None, Source | None]:
+  """The labelled train / test folders of ``data.eval_dir``, or ``(None, None)``."""
   if not data_config.eval_dir:
-    return Datasets(train, None, None)
+    return None, None
+  size, channels = load_size(data_config), _channels(data_config)
   paths = {split: os.path.join(data_config.eval_dir, split) for split in ("train", "test")}
   for split, path in paths.items():
     if not os.path.isdir(path):
@@ -132,7 +154,7 @@ def _image_folder(data_config: Any) -> Datasets:
   labelled = ImageFolderSource(paths["train"], size, channels=channels, labels_from_subdirs=True)
   test = ImageFolderSource(paths["test"], size, channels=channels, labels_from_subdirs=True,
                            class_names=labelled.class_names)
-  return Datasets(train, labelled, test)
+  return labelled, test
 
 
 def _tfds(data_config: Any) -> Datasets:
@@ -161,6 +183,7 @@ DATASETS: dict[str, Callable[[Any], Datasets]] = {
     "fashion_mnist_uncurated": lambda data_config: _fashion_mnist(data_config, "uncurated"),
     "digits": _digits,
     "image_folder": _image_folder,
+    "array_record": _array_record,
     "tfds": _tfds,
 }
 

@@ -40,9 +40,11 @@ RESUME_FIELDS = ("seed", "data", "model", "method", "clustering", "train.batch_s
                  "train.epochs_per_cycle", "train.learning_rate", "train.momentum",
                  "train.weight_decay", "train.crop", "train.crop_scale", "train.crop_ratio",
                  "train.crop_pad", "train.init_from")
-# Fields of `data` that only say where or how to find the same images.
+# Fields of `data` that only say where or how to find (or how fast to decode) the same
+# images: the input pipeline's workers give the same batches, bit for bit.
 DATA_LOCATION_FIELDS = ("data.data_dir", "data.download", "data.eval_dir",
-                        "data.max_eval_images")
+                        "data.max_eval_images", "data.workers", "data.worker_kind",
+                        "data.prefetch")
 
 
 def write_json(path: str, payload: dict) -> None:

@@ -21,6 +21,7 @@ of them together, and a stop (preemption) is agreed on by all before that save
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import jax
@@ -33,6 +34,7 @@ from deeper_jax import export
 from deeper_jax import models
 from deeper_jax.cluster import pseudo_labels
 from deeper_jax.data import fingerprint as fingerprint_lib
+from deeper_jax.data import pipeline
 from deeper_jax.data import registry as data_registry
 from deeper_jax.data import sampler
 from deeper_jax.runtime import checkpoints
@@ -44,16 +46,46 @@ from deeper_jax.train import state as state_lib
 from deeper_jax.train import step as step_lib
 
 
+def _block_key(index: tuple, shape: tuple) -> tuple:
+  """A device's index over the ``[S, b]`` plan as hashable ``((start, stop), (start, stop))``."""
+  return tuple(index[axis].indices(shape[axis])[:2] for axis in range(2))
+
+
+def local_blocks(sharding, plan_shape: tuple) -> list[tuple[slice, slice]]:
+  """The distinct ``[S, b]`` index blocks of this process's devices, in device order.
+
+  What the input pipeline decodes for this process: a block two devices share (a
+  replicated axis) is read once.
+  """
+  shape = tuple(plan_shape)[:2]
+  keys = []
+  for index in sharding.addressable_devices_indices_map(shape).values():
+    key = _block_key(index, shape)
+    if key not in keys:
+      keys.append(key)
+  return [(slice(*rows), slice(*cols)) for rows, cols in keys]
+
+
 def device_batch(source, indices: np.ndarray, sub_labels: np.ndarray,
-                 shardings: dict) -> dict:
+                 shardings: dict, local: list[np.ndarray] | None = None) -> dict:
   """The global batch ``[S, b, ...]`` as sharded arrays, each host reading only its part.
 
   ``make_array_from_callback`` asks for the shards of this process's devices only, so
   on a multi-host mesh every process decodes just the images its devices train on.
+  ``local``: those images already decoded by the input pipeline, one array per block
+  of ``local_blocks(shardings['images'], indices.shape)``; ``None`` reads them here.
   """
   image_shape = tuple(source.image_shape)
+  if local is not None:
+    blocks = local_blocks(shardings["images"], indices.shape)
+    if len(blocks) != len(local):
+      raise ValueError(f"device_batch got {len(local)} prefetched blocks for the "
+                       f"{len(blocks)} blocks of this process's devices.")
+    decoded = {_block_key(block, indices.shape): images for block, images in zip(blocks, local)}
 
   def images(index):
+    if local is not None:
+      return decoded[_block_key(index, indices.shape)]
     rows = indices[index[:2]]
     return source.images(rows.reshape(-1)).reshape(rows.shape + image_shape)
 
@@ -207,31 +239,37 @@ def _train_and_evaluate(config, workdir, model, datasets, item_ids, fingerprint,
           logging.info("%s cycle %d epoch %d: %d steps", current.phase.name, cycle, epoch,
                        len(plan))
           pending, first_pending = [], int(state.step)
-          for i in range(progress["step_in_epoch"], len(plan)):
-            batch = device_batch(train_source, plan[i], sub_labels, batch_shardings)
-            state, metrics = train_step(state, batch, base_rng)
-            pending.append(metrics)
-            progress["step_in_epoch"] = i + 1
-            done_epoch = i + 1 == len(plan)
-            global_step = first_pending + len(pending)
-            for hook in hooks:
-              hook(global_step)
-            stopping = stop.at_step(global_step)  # every process, every step
-            log_now = global_step % tcfg.log_every_steps == 0 or done_epoch
-            save_now = global_step % config.checkpoint.every_steps == 0 or stopping
-            if log_now or save_now:
-              records = [jax.tree.map(float, m) for m in jax.device_get(pending)]
-              _check_finite(records, first_pending + 1, ckpt.latest())
-              mean = {k: float(np.mean([r[k] for r in records])) for k in records[0]}
-              count, total = progress.get("epoch_loss_sum", (0, 0.0))  # survives a resume
-              progress["epoch_loss_sum"] = (count + len(records),
-                                            total + sum(r["loss"] for r in records))
-              writer.write_scalars(global_step, {f"train/{k}": v for k, v in mean.items()})
-              pending, first_pending = [], global_step
-            if save_now and not done_epoch:
-              save()
-              if stop.requested():
-                return _stopped(stop, writer)
+          first = progress["step_in_epoch"]
+          feed = pipeline.batches(
+              train_source, plan, local_blocks(batch_shardings["images"], plan.shape[1:]),
+              start=first, workers=config.data.workers, kind=config.data.worker_kind,
+              prefetch=config.data.prefetch)
+          with contextlib.closing(feed):
+            for i, local in zip(range(first, len(plan)), feed):
+              batch = device_batch(train_source, plan[i], sub_labels, batch_shardings, local)
+              state, metrics = train_step(state, batch, base_rng)
+              pending.append(metrics)
+              progress["step_in_epoch"] = i + 1
+              done_epoch = i + 1 == len(plan)
+              global_step = first_pending + len(pending)
+              for hook in hooks:
+                hook(global_step)
+              stopping = stop.at_step(global_step)  # every process, every step
+              log_now = global_step % tcfg.log_every_steps == 0 or done_epoch
+              save_now = global_step % config.checkpoint.every_steps == 0 or stopping
+              if log_now or save_now:
+                records = [jax.tree.map(float, m) for m in jax.device_get(pending)]
+                _check_finite(records, first_pending + 1, ckpt.latest())
+                mean = {k: float(np.mean([r[k] for r in records])) for k in records[0]}
+                count, total = progress.get("epoch_loss_sum", (0, 0.0))  # survives a resume
+                progress["epoch_loss_sum"] = (count + len(records),
+                                              total + sum(r["loss"] for r in records))
+                writer.write_scalars(global_step, {f"train/{k}": v for k, v in mean.items()})
+                pending, first_pending = [], global_step
+              if save_now and not done_epoch:
+                save()
+                if stop.requested():
+                  return _stopped(stop, writer)
           count, total = progress.pop("epoch_loss_sum", (0, 0.0))
           if count:
             progress["history"][-1].setdefault("epoch_loss", []).append(total / count)
