@@ -35,6 +35,7 @@ candidates; the curves' k becomes 8 … 128 (512 images cannot hold 640 clusters
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import dataclasses
 import json
 import os
@@ -339,12 +340,15 @@ def select(args) -> tuple[tuple[str, dict] | None, int]:
 
 
 def report_module():
-  """benchmarks/study_report.py (benchmarks/ is not a package: imported from its folder)."""
-  here = os.path.dirname(os.path.abspath(__file__))
-  if here not in sys.path:
-    sys.path.insert(0, here)
-  import study_report  # pylint: disable=g-import-not-at-top
-  return study_report
+  """benchmarks/study_report.py, imported by its path (benchmarks/ is not a package)."""
+  name = "study_report"
+  if name not in sys.modules:
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "study_report.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+  return sys.modules[name]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

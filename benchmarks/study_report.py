@@ -21,17 +21,30 @@ The numbers come from study_stats.py, the figures from study_plots.py (the noteb
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import re
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-if HERE not in sys.path:  # benchmarks/ is not a package; its modules import each other
-  sys.path.insert(0, HERE)
 
-# pylint: disable=g-import-not-at-top,wrong-import-position
-from study_plots import plot_curves, plot_probe_by_layer
-from study_stats import (DATA_NAMES, METHOD_NAMES, METRICS, MISSING, Stat, is_quick,
+
+def load_module(name: str, path: str):
+  """A module of benchmarks/ imported by its file path (benchmarks/ is not a package),
+  once; registered under ``name``, so its siblings' ``from name import …`` finds it."""
+  if name not in sys.modules:
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+  return sys.modules[name]
+
+
+load_module("study_stats", os.path.join(HERE, "study_stats.py"))
+load_module("study_plots", os.path.join(HERE, "study_plots.py"))  # imports study_stats
+# pylint: disable=g-import-not-at-top,wrong-import-position  (registered just above)
+from study_plots import plot_curves, plot_probe_by_layer  # noqa: E402
+from study_stats import (DATA_NAMES, METHOD_NAMES, METRICS, MISSING, Stat, is_quick,  # noqa: E402
                          load_choice, load_results, progress, table_cells, targets, value_at,
                          verdict)
 
@@ -61,8 +74,7 @@ PAPER_TABLE3 = (
 
 def reproduce_module():
   """benchmarks/reproduce.py: the plan (which runs the study has) and the candidates."""
-  import reproduce  # pylint: disable=g-import-not-at-top  (it imports this module too)
-  return reproduce
+  return load_module("study_reproduce", os.path.join(HERE, "reproduce.py"))
 
 
 # --- markdown -------------------------------------------------------------------------

@@ -67,8 +67,10 @@ def fashion_mnist_images(n: int, split: str = "test"):
 
 
 def data_config(**fields):
-  """``config.data`` of the default config (long-tailed Fashion-MNIST), fields overridden."""
+  """``config.data`` of the default config on long-tailed Fashion-MNIST (the data tests'
+  set; the default config trains on the uncurated one), fields overridden."""
   config = test_config("default").data
+  config.name = "fashion_mnist_longtail"
   config.update(fields)
   return config
 
