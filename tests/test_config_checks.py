@@ -31,6 +31,9 @@ from deeper_jax.train import step as step_lib
     ({"data.image_size": 4}, r"image_size=4 .*raise"),
     ({"model.std": (0.0,)}, r"std=\(0\.0,\) must hold positive numbers"),
     ({"train.init_from": "/no/such/run"}, r"init_from='/no/such/run' does not exist"),
+    ({"clustering.memory_budget_gb": -1.0}, r"memory_budget_gb=-1\.0 must be ≥ 0"),
+    ({"clustering.memory_budget_gb": 0.5, "clustering.init": "kmeans++"},
+     r"memory_budget_gb=0\.5 streams spilled features, which k-means\+\+ cannot"),
 ])
 def test_a_bad_field_is_named_with_its_fix(overrides, match):
   with pytest.raises(ConfigError, match=match) as error:
