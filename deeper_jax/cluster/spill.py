@@ -103,16 +103,15 @@ class Spilled:
       block = self.block(shard)
       if not len(block):
         continue
-      data = np.load(self.path(shard), mmap_mode="r")
       for start in range(0, len(block), chunk_rows):
         rows = np.arange(block.start + start, block.start + min(start + chunk_rows, len(block)))
-        x = data[start:start + len(rows)]
+        x = _read(self.path(shard), start, len(rows), self.dim)
         if self.ids is not None:
           keep = np.isin(rows, self.ids, assume_unique=True)
           if not keep.any():
             continue
           rows, x = rows[keep], x[keep]
-        yield rows, np.array(x, np.float32)
+        yield rows, x
 
   def position(self, rows: np.ndarray) -> np.ndarray:
     """Index of global ``rows`` in this selection (themselves for the full matrix)."""
@@ -126,8 +125,13 @@ class Spilled:
     r = self.rows_per_shard
     for shard in np.unique(rows // r) if len(rows) else ():
       mine = np.flatnonzero(rows // r == shard)
-      data = np.load(self.path(int(shard)), mmap_mode="r")
-      out[mine] = data[rows[mine] - shard * r]
+      local = rows[mine] - shard * r
+      first, last = int(local.min()), int(local.max())
+      if len(mine) * 4 >= last - first + 1:  # dense: one read of the span
+        out[mine] = _read(self.path(int(shard)), first, last - first + 1, self.dim)[local - first]
+      else:
+        for i, row in zip(mine, local):
+          out[i] = _read(self.path(int(shard)), int(row), 1, self.dim)[0]
     return out
 
   def load_rows(self, positions: np.ndarray) -> Rows:
@@ -162,6 +166,19 @@ class Spilled:
         pass
 
 
+def _read(path: str, start: int, count: int, dim: int) -> np.ndarray:
+  """Rows ``[start, start+count)`` of a float32 [n, dim] ``.npy`` file, by plain reads
+  (no memory map: mapped pages would stay resident and count as the process's)."""
+  with open(path, "rb") as f:
+    np.lib.format.read_magic(f)
+    np.lib.format.read_array_header_1_0(f)  # the Writer writes version 1.0 headers
+    f.seek(start * dim * 4, os.SEEK_CUR)
+    out = np.fromfile(f, np.float32, count * dim)
+  if out.size != count * dim:
+    raise ValueError(f"{path} is shorter than its header says: was its writer killed?")
+  return out.reshape(count, dim)
+
+
 def clear(directory: str) -> None:
   """Removes any files a killed run left in ``directory`` (process 0), then a barrier."""
   if jax.process_index() == 0 and os.path.isdir(directory):
@@ -183,11 +200,21 @@ class Writer:
   def __init__(self, directory: str, num_rows: int, dim: int, mesh: Mesh):
     os.makedirs(directory, exist_ok=True)
     self.matrix = Spilled(directory, num_rows, dim, mesh)
-    self.files = {}
+    self.files = {}  # shard -> (file descriptor, data offset, rows)
     for shard in self.matrix.own_shards():
-      count = len(self.matrix.block(shard))
-      self.files[shard] = np.lib.format.open_memmap(
-          self.matrix.path(shard) + TMP, mode="w+", dtype=np.float32, shape=(count, dim))
+      count, path = len(self.matrix.block(shard)), self.matrix.path(shard) + TMP
+      with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": "<f4", "fortran_order": False, "shape": (count, dim)})
+        offset = f.tell()
+        f.truncate(offset + count * dim * 4)
+      self.files[shard] = (os.open(path, os.O_WRONLY), offset, count)
+
+  def _put(self, shard: int, start: int, values: np.ndarray) -> None:
+    """Rows ``start ...`` of ``shard``'s block, by a positioned write (no memory map)."""
+    fd, offset, _ = self.files[shard]
+    os.pwrite(fd, np.ascontiguousarray(values, np.float32).tobytes(),
+              offset + start * self.matrix.dim * 4)
 
   def write(self, start: int, batch: jax.Array) -> None:
     per_device = batch.shape[0] // self.matrix.mesh.size
@@ -198,22 +225,23 @@ class Writer:
         if s not in self.files:
           continue
         part = data[s * per_device - first:(s + 1) * per_device - first]
-        count = self.files[s].shape[0]
-        stop = min(start + len(part), count)
+        stop = min(start + len(part), self.files[s][2])
         if stop > start:
-          self.files[s][start:stop] = part[:stop - start]
+          self._put(s, start, part[:stop - start])
 
   def write_rows(self, rows: np.ndarray, values: np.ndarray) -> None:
     """``values`` [c, d] of global ``rows``, all in this process's blocks."""
     r = self.matrix.rows_per_shard
     for shard in np.unique(rows // r):
-      mine = rows // r == shard
-      self.files[int(shard)][rows[mine] - shard * r] = values[mine]
+      mine = np.flatnonzero(rows // r == shard)
+      local = rows[mine] - shard * r
+      runs = np.flatnonzero(np.diff(local) != 1) + 1  # contiguous runs, one write each
+      for part in np.split(np.arange(len(mine)), runs):
+        self._put(int(shard), int(local[part[0]]), values[mine[part]])
 
   def close(self) -> Spilled:
-    for shard, memmap in self.files.items():
-      memmap.flush()
-      del memmap
+    for shard, (fd, _, _) in self.files.items():
+      os.close(fd)
       os.replace(self.matrix.path(shard) + TMP, self.matrix.path(shard))
     self.files = {}
     sync(f"spill written {self.matrix.directory}")

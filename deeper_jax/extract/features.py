@@ -313,25 +313,33 @@ def extract_rows(module, variables, source, *, mesh: Mesh | None = None,
                   name=name, on_batch=on_batch)
 
 
+def spill_rows(fn: Callable[[jax.Array], dict[str, jax.Array]], source, indices: np.ndarray,
+               directory: str, *, output: str, batch_size: int, out_dims: dict[str, int],
+               mesh: Mesh, name: str = "extract", on_batch=None) -> spill.Spilled:
+  """:func:`map_rows`' ``output`` written to ``directory`` as it comes (cluster/spill.py).
+
+  For features over the memory budget: each process writes the blocks of its own
+  devices, one ``.npy`` file each, and keeps no rows; a step's outputs are on the
+  devices only until they are written. Files a killed run left are removed first.
+  """
+  spill.clear(directory)
+  writer = spill.Writer(directory, len(indices), out_dims[output], mesh)
+  map_rows(fn, source, indices, batch_size=batch_size, out_dims={output: out_dims[output]},
+           mesh=mesh, name=name, on_batch=on_batch,
+           sink=lambda start, outputs: writer.write(start, outputs[output]))
+  return writer.close()
+
+
 def spill_features(module, variables, source, directory: str, *, mesh: Mesh | None = None,
                    image_size: int | None = None, batch_size: int = 512,
                    on_batch=None, name: str = "extract features") -> spill.Spilled:
-  """The ``'features'`` of :func:`extract_rows`, written to ``directory`` as they come.
-
-  For features over the memory budget (cluster/spill.py): each process writes the
-  blocks of its own devices, one ``.npy`` file each, and keeps no rows; a step's
-  outputs are on the devices only until they are written.
-  """
+  """The ``'features'`` of :func:`extract_rows`, spilled to ``directory`` (:func:`spill_rows`)."""
   mesh = mesh_lib.make_mesh() if mesh is None else mesh
   indices, batch_size, out_dims, fn = _prepare(
       module, variables, source, image_size=image_size, batch_size=batch_size, layers=(),
       indices=None, pooling_rule="adaptive", max_dim=10_000, mesh=mesh, name=name)
-  spill.clear(directory)
-  writer = spill.Writer(directory, len(indices), out_dims[FEATURES], mesh)
-  map_rows(fn, source, indices, batch_size=batch_size, out_dims=out_dims, mesh=mesh,
-           name=name, on_batch=on_batch,
-           sink=lambda start, outputs: writer.write(start, outputs[FEATURES]))
-  return writer.close()
+  return spill_rows(fn, source, indices, directory, output=FEATURES, batch_size=batch_size,
+                    out_dims=out_dims, mesh=mesh, name=name, on_batch=on_batch)
 
 
 def extract_features(module, variables, source, *, image_size: int | None = None,
