@@ -103,7 +103,25 @@ def main(coordinator: str, num_processes: int, process_id: int, out_dir: str):
   on_disk.remove()
   left = glob.glob(os.path.join(directory, f"process_{process_id}_*"))
 
+  # The fast probe's classifier on Rows (each process its own rows) and on the
+  # same features gathered to numpy (small: 1024 x 64), which one process would use.
+  from deeper_jax.evaluate import linear
+  small = jax.jit(lambda images: {"f": (images.reshape(images.shape[0], -1) / 255.0)
+                                  @ projection[:, :64]})
+  probe_rows = [features.map_rows(small, CountingSource(n), np.arange(n), batch_size=256,
+                                  out_dims={"f": 64}, mesh=mesh)["f"] for n in (1024, 512)]
+  # Classes the pixels tell: the prototype, and whether the first pixel's noise is high.
+  labels = [(i % 2) * 2 + ((i * 2654435761) % 61 > 30) for i in (np.arange(1024), np.arange(512))]
+  kwargs = dict(num_classes=4, epochs=3, batch_size=64, lr=1.0, seed=0)
+  on_rows = linear.train_linear_probe(probe_rows[0], labels[0], probe_rows[1], labels[1],
+                                      **kwargs)
+  gathered = linear.train_linear_probe(probe_rows[0].to_numpy(), labels[0],
+                                       probe_rows[1].to_numpy(), labels[1], **kwargs)
+  tick("probe")
+
   result = {
+      "probe_rows": [on_rows.test_top1, on_rows.train_top1, on_rows.final_loss],
+      "probe_numpy": [gathered.test_top1, gathered.train_top1, gathered.final_loss],
       "decoded": sorted(source.decoded), "shards": shards, "rss_growth": grown,
       "spill_rss_growth": spill_grown, "files": written,
       "labels": [memory.super_labels.tolist(), memory.sub_labels.tolist()],
