@@ -117,9 +117,17 @@ def main(coordinator: str, num_processes: int, process_id: int, out_dir: str):
                                       **kwargs)
   gathered = linear.train_linear_probe(probe_rows[0].to_numpy(), labels[0],
                                        probe_rows[1].to_numpy(), labels[1], **kwargs)
-  tick("probe")
+  from deeper_jax.evaluate import knn
+  queries = probe_rows[1].to_numpy()
+  knn_rows = knn.knn_predict(probe_rows[0], labels[0], queries, k=20, num_classes=4,
+                             chunk_size=128)
+  knn_numpy = knn.knn_predict(probe_rows[0].to_numpy(), labels[0], queries, k=20,
+                              num_classes=4, chunk_size=128)
+  tick("probe, knn")
 
   result = {
+      "knn_rows": knn_rows.tolist(), "knn_numpy": knn_numpy.tolist(),
+      "knn_top1": float((knn_rows == labels[1]).mean()),
       "probe_rows": [on_rows.test_top1, on_rows.train_top1, on_rows.final_loss],
       "probe_numpy": [gathered.test_top1, gathered.train_top1, gathered.final_loss],
       "decoded": sorted(source.decoded), "shards": shards, "rss_growth": grown,

@@ -17,7 +17,10 @@ streamed (cluster/spill.py). What must hold:
   (measured 2-3 MB; asserted < N·D·4/P / 4): no process keeps rows;
 * each process writes only its own devices' files, and removes them;
 * the streamed clustering of the spilled rows gives the labels of the in-memory one,
-  and both processes get all N labels.
+  and both processes get all N labels;
+* the fast probe's classifier and the kNN vote work from each process's rows
+  (evaluate/linear.py, evaluate/knn.py) and give what they give on the same
+  features gathered to numpy (a small 1024 x 64 set, gathered for the comparison).
 
 ~80 s on 2 shared cores (two interpreters compiling the same programs).
 """
@@ -111,3 +114,12 @@ def test_the_fast_probe_trains_on_each_process_rows_like_on_gathered_features(re
     assert rows_loss == pytest.approx(numpy_loss, rel=1e-4)
     assert rows_top1 > 0.4  # 4 classes the pixels tell apart: learnt, not chance
   assert reports[0]["probe_rows"] == reports[1]["probe_rows"]
+
+
+def test_knn_votes_from_each_process_rows_like_from_gathered_features(reports):
+  """Each device keeps its k best of its own rows; the merged candidates give the
+  votes of one top-k over all rows (measured: every prediction the same)."""
+  for report in reports:
+    assert report["knn_rows"] == report["knn_numpy"]
+    assert report["knn_top1"] > 0.4  # 4 classes, learnt, not chance
+  assert reports[0]["knn_rows"] == reports[1]["knn_rows"]

@@ -1,8 +1,8 @@
 """Features over ``clustering.memory_budget_gb`` go to disk and are streamed: the same
 clusters as in memory (cluster/spill.py, cluster/streamed.py).
 
-What is equal, and how equal (one process, 4 CPU devices in the test's own process
-or whatever it has): the streamed k-means gives the same assignments, centroids and
+What is equal, and how equal (one process, on the test process's devices; two
+processes of two devices each: tests/test_per_process_rows.py): the streamed k-means gives the same assignments, centroids and
 sizes bit for bit (exact integer sums, the same update kernel); its objective is
 the float64 sum of per-row distances the in-memory path also sums, but one row's
 distance may round differently in a fused kernel: measured within 2e-9 relative,

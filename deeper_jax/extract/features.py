@@ -25,6 +25,9 @@ computes exactly its own rows: each process reads and decodes only the images of
 its own devices, and no process ever holds all N rows. ``extract_features`` is the
 same followed by a gather of every output to every process, for the evaluators'
 (subsampled) sets; with no mesh it runs on one device per process.
+``spill_features`` / ``spill_rows`` write the rows to disk as they are computed
+instead, each process its own devices' blocks (cluster/spill.py), for features over
+``clustering.memory_budget_gb``.
 """
 from __future__ import annotations
 
