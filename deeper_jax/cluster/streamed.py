@@ -97,7 +97,9 @@ def kmeans(x: spill.Spilled, k: int, *, n: int, num_iters: int, seed: int, init:
   # The fixed-point format of the in-memory call on the same rows.
   layout = plan_rows(x.shape[0], mesh.size, min(chunk_size, MAX_BLOCK_ROWS))
   period_rows = 2 * layout.chunk * lloyd.carry_period(layout)
-  chunk = max(1, period_rows // 2)  # low words of one chunk's sums fit int32 (choose_format)
+  # Rows per streamed chunk: the in-memory block (<= MAX_BLOCK_ROWS), which also keeps
+  # one chunk's low-word sums within int32 (choose_format allows period_rows).
+  chunk = layout.chunk
   fmt = fixed_point.choose_format(_column_abs_max(x, chunk), n + 2 * layout.chunk, period_rows)
   centroids = (init_centroids if init_centroids is not None
                else init_lib.random_points(x, k, seed, num_rows=n))
