@@ -76,6 +76,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.clustering.init = "random"     # 'random' data points (paper) or 'kmeans++'
   config.clustering.chunk_size = 8192   # rows per distance block: memory chunk·k, never N·k
   config.clustering.extract_batch_size = 1024
+  config.clustering.memory_budget_gb = 0.0  # features per process over this (N·D·4/P bytes):
+                                        # spilled to <workdir>/features/, streamed; 0: no limit
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 256         # global batch: S super-classes × 16 images

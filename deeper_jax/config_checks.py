@@ -149,6 +149,7 @@ def rules() -> dict[str, Callable]:
       "clustering.pca_dim": positive, "clustering.pca_sample_size": integer(2),
       "clustering.num_iters": integer(0, 10_000), "clustering.init": choice(reg["kmeans_inits"]),
       "clustering.chunk_size": positive, "clustering.extract_batch_size": positive,
+      "clustering.memory_budget_gb": real(0.0, 1e6),
       "train.batch_size": integer(1, 1 << 20), "train.num_cycles": integer(1, 1 << 20),
       "train.epochs_per_cycle": integer(1, 1 << 20),
       "train.learning_rate": real(0.0, 1e3, open_low=True), "train.momentum": real(
@@ -237,6 +238,10 @@ def check_config(config, num_devices: int) -> None:
   _require(method.targets == "clusters" or method.num_super_clusters == 1,
            f"config.method.targets='labels' trains on the classes as one super-cluster: set "
            f"config.method.num_super_clusters=1 (got {method.num_super_clusters}).")
+  _require(not config.clustering.memory_budget_gb or config.clustering.init == "random",
+           f"config.clustering.memory_budget_gb={config.clustering.memory_budget_gb} streams "
+           "spilled features, which k-means++ cannot (a pass over all rows per centroid): set "
+           "config.clustering.init='random' or memory_budget_gb=0.")
   _require(not train.init_from or os.path.exists(train.init_from),
            f"config.train.init_from={train.init_from!r} does not exist; point it at a training "
            "workdir or an export, or set it to ''.")

@@ -34,6 +34,9 @@ from deeper_jax.train import step as step_lib
     ({"data.workers": -1}, r"config\.data\.workers=-1 must be ≥ 0"),
     ({"data.worker_kind": "fibers"}, r"worker_kind='fibers' must be one of \('auto', "),
     ({"data.prefetch": 0}, r"config\.data\.prefetch=0 must be ≥ 1"),
+    ({"clustering.memory_budget_gb": -1.0}, r"memory_budget_gb=-1\.0 must be ≥ 0"),
+    ({"clustering.memory_budget_gb": 0.5, "clustering.init": "kmeans++"},
+     r"memory_budget_gb=0\.5 streams spilled features, which k-means\+\+ cannot"),
 ])
 def test_a_bad_field_is_named_with_its_fix(overrides, match):
   with pytest.raises(ConfigError, match=match) as error:

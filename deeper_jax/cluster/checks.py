@@ -23,6 +23,8 @@ def check_features(x, name: str = "x") -> tuple[int, int]:
     raise ValueError(f"{name} must have at least one row and one column, got shape {tuple(shape)}.")
   if not jnp.issubdtype(x.dtype, jnp.number) or jnp.issubdtype(x.dtype, jnp.complexfloating):
     raise ValueError(f"{name} must hold real numbers, got dtype {x.dtype}.")
+  if hasattr(x, "chunks"):  # spilled rows: checked as they are streamed (cluster/streamed.py)
+    return n, d
   values = getattr(x, "array", x)  # Rows: the global array (its padding rows are zeros)
   finite = (bool(jnp.isfinite(values).all()) if isinstance(values, jax.Array)
             else bool(np.isfinite(values).all()))

@@ -34,7 +34,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from deeper_jax.cluster import checks
+from deeper_jax.cluster import checks, spill
 from deeper_jax.cluster.kmeans import kmeans
 from deeper_jax.cluster.layout import as_rows, gather_rows
 
@@ -68,7 +68,9 @@ def hierarchical_kmeans(x, num_super: int, num_sub: int, *, num_iters: int = 10,
                         ) -> HierarchicalResult:
   """Super-clusters over all rows of ``x`` [N, d], then sub-clusters inside each.
 
-  ``x``: a numpy or jax matrix, or :class:`Rows` (then ``mesh`` is theirs).
+  ``x``: a numpy or jax matrix, or :class:`Rows` (then ``mesh`` is theirs), or
+  :class:`~deeper_jax.cluster.spill.Spilled` rows (each super-cluster a selection of
+  the same files, streamed).
 
   ``progress(iteration, objective)`` is called after every Lloyd iteration of every
   k-means run (level 1, then each super-cluster in turn).
@@ -77,7 +79,8 @@ def hierarchical_kmeans(x, num_super: int, num_sub: int, *, num_iters: int = 10,
   checks.check_num_clusters(num_super, n, "num_super")
   checks.check_positive(num_sub, "num_sub")
   checks.check_init(init)
-  rows_x = as_rows(x, mesh)
+  spilled = isinstance(x, spill.Spilled)
+  rows_x = x if spilled else as_rows(x, mesh)
 
   # One super-cluster: its centroid is the mean, one iteration finds it.
   top = kmeans(rows_x, num_super, num_iters=num_iters if num_super > 1 else min(num_iters, 1),
@@ -95,7 +98,8 @@ def hierarchical_kmeans(x, num_super: int, num_sub: int, *, num_iters: int = 10,
       part = kmeans(rows_x, k_c, num_iters=num_iters, seed=seed, init=init,
                     chunk_size=chunk_size, progress=progress)
     else:
-      subset = gather_rows(rows_x, rows, bucket_rows(len(rows)))
+      subset = (rows_x.select(rows, bucket_rows(len(rows))) if spilled
+                else gather_rows(rows_x, rows, bucket_rows(len(rows))))
       part = kmeans(subset, k_c, num_iters=num_iters, seed=_sub_seed(seed, c), init=init,
                     chunk_size=chunk_size, mesh=mesh, progress=progress, num_valid=len(rows))
     sub_labels[rows] = part.assignments

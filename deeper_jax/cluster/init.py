@@ -20,6 +20,8 @@ from deeper_jax.runtime.mesh import DATA_AXES
 
 
 def _gather_rows(x, rows: np.ndarray) -> np.ndarray:
+  if hasattr(x, "read_rows"):  # spilled rows (cluster/spill.py): read from their files
+    return x.read_rows(rows)
   if isinstance(x, Rows):
     return rows_to_hosts(x, rows).astype(np.float32)
   if isinstance(x, jax.Array):

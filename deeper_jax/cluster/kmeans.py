@@ -42,7 +42,8 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from deeper_jax.cluster import assign, checks, fixed_point, init as init_lib, lloyd
+from deeper_jax.cluster import assign, checks, fixed_point, init as init_lib, lloyd, spill
+from deeper_jax.cluster import streamed
 from deeper_jax.cluster.layout import Rows, plan_rows, put_rows, resolve_mesh, to_hosts
 from deeper_jax.runtime.mesh import replicated
 
@@ -73,7 +74,9 @@ def kmeans(x, k: int, *, num_iters: int = 10, seed: int = 0, init: str = "random
 
   Args:
     x: numpy or jax array [N, d] of finite features (cast to float32), or
-      :class:`Rows` split over the mesh's devices (the multi-process case).
+      :class:`Rows` split over the mesh's devices (the multi-process case), or
+      :class:`~deeper_jax.cluster.spill.Spilled` rows on disk (streamed.py: the
+      same result, one pass over the files per iteration).
     k: number of clusters, ``1 <= k <= N``.
     num_iters: Lloyd iterations (assign + update) before the final assignment.
     seed: drives initialisation and empty-cluster splits; same seed, same result.
@@ -106,6 +109,10 @@ def kmeans(x, k: int, *, num_iters: int = 10, seed: int = 0, init: str = "random
   if init_centroids is not None:
     init_centroids = checks.check_centroids(init_centroids, k, d)
 
+  if isinstance(x, spill.Spilled):  # rows on disk: one streamed pass per iteration
+    return streamed.kmeans(x, k, n=n, num_iters=num_iters, seed=seed, init=init,
+                           chunk_size=chunk_size, init_centroids=init_centroids,
+                           progress=progress)
   mesh = x.mesh if isinstance(x, Rows) else resolve_mesh(mesh)
   layout = plan_rows(rows, mesh.size, min(chunk_size, MAX_BLOCK_ROWS))
   xs = put_rows(x, mesh, layout)

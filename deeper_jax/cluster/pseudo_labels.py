@@ -10,6 +10,9 @@ them in place, and only the labels ([N] int32) come back, to every process.
 """
 from __future__ import annotations
 
+import os
+
+import jax
 import numpy as np
 from absl import logging
 from sklearn.metrics import normalized_mutual_info_score
@@ -42,14 +45,36 @@ def size_stats(labels: np.ndarray, num_clusters: int) -> dict:
           "empty_clusters": float((sizes == 0).sum())}
 
 
+def spills(model, variables, source, config, mesh) -> bool:
+  """Whether this process's share of the features, ``N·D·4 / P`` bytes, is over
+  ``clustering.memory_budget_gb`` (0: no budget, the features stay on the devices)."""
+  budget = config.clustering.memory_budget_gb
+  if not budget:
+    return False
+  image_size = config.data.image_size or source.image_shape[0]
+  dim, _, _ = features_lib.layer_shapes(model, variables, image_size, source.image_shape[-1])
+  return len(source) * dim * 4 / jax.process_count() > budget * 1e9
+
+
+def spill_dir(workdir: str, cycle: int) -> str:
+  """Where a cycle's spilled features go: ``<workdir>/features/cycle_<C>``."""
+  return os.path.join(workdir, "features", f"cycle_{cycle}")
+
+
 def cluster_backbone(model, variables, source, config, *, cycle: int, mesh,
-                     previous: dict | None = None) -> tuple[dict, dict]:
+                     previous: dict | None = None, workdir: str | None = None
+                     ) -> tuple[dict, dict]:
   """Clusters ``source`` with the current backbone. Returns (clusters, metrics).
 
   ``clusters``: ``super_labels`` and ``sub_labels`` ``[N]`` (sub ids local to the
   super-cluster) plus the PCA that produced them. ``metrics``: k-means objectives,
   cluster sizes, NMI with the previous cycle's clusters (stability) and, when the
   source has labels (for evaluation only), NMI with them.
+
+  Over ``clustering.memory_budget_gb`` the features are spilled to
+  ``<workdir>/features/cycle_<C>`` (cluster/spill.py): extraction writes each
+  process's rows there, PCA and k-means stream them, and the files are removed once
+  the labels are known: the same clusters as in memory (tests/test_spill.py).
   """
   method, cfg = config.method, config.clustering
   n = len(source)
@@ -59,19 +84,42 @@ def cluster_backbone(model, variables, source, config, *, cycle: int, mesh,
       return {"super_labels": zeros, "sub_labels": np.asarray(source.labels, np.int32)}, {}
     return {"super_labels": zeros, "sub_labels": zeros}, {}
 
-  feats = features_lib.extract_rows(
-      model, variables, source, image_size=config.data.image_size,
-      batch_size=cfg.extract_batch_size, mesh=mesh,
-      name=f"cycle {cycle}: extract features")[features_lib.FEATURES]
+  name = f"cycle {cycle}: extract features"
+  to_disk = spills(model, variables, source, config, mesh)
+  if to_disk:
+    if workdir is None:
+      raise ValueError("clustering.memory_budget_gb is exceeded but no workdir was given "
+                       "to spill the features to.")
+    directory = spill_dir(workdir, cycle)
+    logging.info("%s: over the memory budget, spilled to %s", name, directory)
+    feats = features_lib.spill_features(
+        model, variables, source, os.path.join(directory, "raw"),
+        image_size=config.data.image_size, batch_size=cfg.extract_batch_size, mesh=mesh,
+        name=name)
+  else:
+    feats = features_lib.extract_rows(
+        model, variables, source, image_size=config.data.image_size,
+        batch_size=cfg.extract_batch_size, mesh=mesh, name=name)[features_lib.FEATURES]
   seed = cluster_seed(config.seed, cycle)
   whitening = pca_lib.fit_pca_whitening(
       feats, cfg.pca_dim, sample_size=min(cfg.pca_sample_size, n), seed=seed, mesh=mesh)
-  reduced = pca_lib.apply_pca_whitening(whitening, feats, chunk_size=cfg.chunk_size,
-                                        mesh=mesh)
+  reduced = pca_lib.apply_pca_whitening(
+      whitening, feats, chunk_size=cfg.chunk_size, mesh=mesh,
+      out_dir=os.path.join(directory, "reduced") if to_disk else None)
+  if to_disk:
+    feats.remove()
   result = hierarchical.hierarchical_kmeans(
       reduced, method.num_super_clusters, method.num_sub_clusters,
       num_iters=cfg.num_iters, seed=seed, chunk_size=cfg.chunk_size, mesh=mesh,
       init=cfg.init)
+  if to_disk:
+    reduced.remove()
+    if jax.process_index() == 0:
+      for path in (directory, os.path.dirname(directory)):
+        try:
+          os.rmdir(path)
+        except OSError:
+          pass
   clusters = {
       "super_labels": np.asarray(result.super_labels, np.int32),
       "sub_labels": np.asarray(result.sub_labels, np.int32),

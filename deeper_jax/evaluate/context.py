@@ -81,5 +81,6 @@ def final_clusters(ctx: Context) -> tuple[dict, dict]:
     from deeper_jax.cluster import pseudo_labels  # pylint: disable=g-import-not-at-top
     ctx.cache["final_clusters"] = pseudo_labels.cluster_backbone(
         ctx.model, ctx.variables, ctx.datasets.train, ctx.config,
-        cycle=ctx.config.train.num_cycles, mesh=ctx.mesh, previous=ctx.last_clusters)
+        cycle=ctx.config.train.num_cycles, mesh=ctx.mesh, previous=ctx.last_clusters,
+        workdir=ctx.workdir)
   return ctx.cache["final_clusters"]

@@ -16,6 +16,15 @@ step causes no longer grows with D. The scaling is folded into each minibatch
 Each epoch is one jitted ``lax.scan`` over its minibatches (a random
 permutation per epoch, the last partial batch dropped), with the data resident
 on the device.
+
+Many processes: the features may be :class:`~deeper_jax.cluster.layout.Rows`
+(split over the devices of every process, docs/scaling.md), which no process
+gathers. The same jitted epoch then reads each minibatch ``x[idx]`` from the
+global array (XLA moves only the batch's rows), and the classifier, its optimiser
+state and the labels are replicated. The standardisation moments are then a
+float32 two-pass reduction on the devices instead of the float64 host sums, so a
+multi-process probe agrees with a one-process one to float tolerance
+(tests/test_per_process_rows.py); one process with numpy features is unchanged.
 """
 from __future__ import annotations
 
@@ -29,6 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+
+from deeper_jax.cluster.layout import Rows, to_hosts
+from deeper_jax.runtime.mesh import replicated
 
 
 class ProbeResult(NamedTuple):
@@ -52,7 +64,29 @@ def _moments(x: np.ndarray, chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
   return mean, np.sqrt(var)
 
 
+@jax.jit
+def _device_moments(x: jax.Array, n) -> tuple[jax.Array, jax.Array]:
+  """Per-column mean and std of the first ``n`` rows of a global array, in float32."""
+  valid = (jnp.arange(x.shape[0]) < n)[:, None]
+  mean = jnp.sum(jnp.where(valid, x, 0.0), axis=0) / n
+  var = jnp.sum(jnp.where(valid, jnp.square(x - mean), 0.0), axis=0) / n
+  return mean, jnp.sqrt(var)
+
+
+def _replicate(tree, mesh):
+  """Host-identical values as arrays replicated over ``mesh`` (which may span processes)."""
+  def put(value):
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, replicated(mesh), lambda index: value[index])
+  return jax.tree.map(put, tree)
+
+
 def _check(x, y, split: str) -> tuple[np.ndarray, np.ndarray]:
+  if isinstance(x, Rows):
+    if np.shape(y) != (x.num_rows,):
+      raise ValueError(f"{split} labels must be [N] with N = {x.num_rows} "
+                       f"(one per feature row); got shape {np.shape(y)}.")
+    return x, np.asarray(y).astype(np.int32)
   x = np.asarray(x)
   y = np.asarray(y)
   if x.ndim != 2:
@@ -69,6 +103,9 @@ def _predict(params, mean, scale, xb):
 
 
 def _accuracy(params, mean, scale, x, y, chunk: int = 8192) -> float:
+  if isinstance(x, Rows):  # predicted on the devices that hold the rows; [N] labels back
+    pred = to_hosts(_predict(params, mean, scale, x.array))[:x.num_rows]
+    return int((pred == y).sum()) / max(x.num_rows, 1)
   correct = 0
   for start in range(0, x.shape[0], chunk):
     pred = np.asarray(_predict(params, mean, scale, x[start:start + chunk]))
@@ -131,6 +168,8 @@ def train_linear_probe(train_x, train_y, test_x, test_y, *,
   start_time = time.perf_counter()
   train_x, train_y = _check(train_x, train_y, "train")
   test_x, test_y = _check(test_x, test_y, "test")
+  if isinstance(test_x, Rows) and test_x.mesh != getattr(train_x, "mesh", None):
+    raise ValueError("test Rows must be on the mesh of the train Rows.")
   if test_x.shape[1] != train_x.shape[1]:
     raise ValueError(f"test features have {test_x.shape[1]} dims but train "
                      f"features have {train_x.shape[1]}; extract both the same way.")
@@ -143,11 +182,14 @@ def train_linear_probe(train_x, train_y, test_x, test_y, *,
   batch_size = min(batch_size, n)
   steps = n // batch_size
 
-  mean, std = _moments(train_x)
+  if isinstance(train_x, Rows):
+    mean, std = (np.asarray(v) for v in _device_moments(train_x.array, n))
+  else:
+    mean, std = _moments(train_x)
   scale = np.where(std > 1e-6, 1.0 / np.maximum(std, 1e-6), 1.0) / math.sqrt(dim)
   mean = jnp.asarray(mean, jnp.float32)
   scale = jnp.asarray(scale, jnp.float32)
-  x = jnp.asarray(train_x)
+  x = train_x.array if isinstance(train_x, Rows) else jnp.asarray(train_x)
   y = jnp.asarray(train_y)
 
   optimizer = _optimizer(epochs * steps, lr, momentum, weight_decay)
@@ -155,6 +197,10 @@ def train_linear_probe(train_x, train_y, test_x, test_y, *,
             "b": jnp.zeros((num_classes,), jnp.float32)}
   opt_state = optimizer.init(params)
   key = jax.random.key(seed)
+  if isinstance(train_x, Rows):  # everything but the rows replicated on their mesh
+    mean, scale, y, params, opt_state, raw_key = _replicate(
+        (mean, scale, y, params, opt_state, jax.random.key_data(key)), train_x.mesh)
+    key = jax.random.wrap_key_data(raw_key)
   run_epoch = _epoch_fn(n, steps, batch_size, epochs * steps, float(lr),
                         float(momentum), float(weight_decay))
 

@@ -8,11 +8,15 @@ standardised, a logistic regression trained ``eval.probe_epochs`` epochs on a
 labelled subset with no augmentation (evaluate/linear.py), top-1 on the test split.
 The headline ``top1`` is the last conv block, as the paper's Table 3 ("the last
 convolutional layer").
+
+On many processes the features stay split over the devices (``extract_rows``): no
+process gathers the probe's [N, D] blocks (docs/scaling.md).
 """
 from __future__ import annotations
 
 import os
 
+import jax
 import numpy as np
 
 from deeper_jax.evaluate import context as context_lib
@@ -24,7 +28,11 @@ PROTOCOL = "fast"
 
 def _probe_all(ctx, variables, layers, train_idx, test_idx, seed: int) -> dict:
   cfg, data = ctx.config.eval, ctx.datasets
-  extract = lambda source, idx, what: features_lib.extract_features(
+  # Many processes: each keeps its own rows (Rows) and the probes train on them in
+  # place (evaluate/linear.py); one process keeps today's numpy path, bit for bit.
+  extract_fn = (features_lib.extract_rows if jax.process_count() > 1
+                else features_lib.extract_features)
+  extract = lambda source, idx, what: extract_fn(
       ctx.model, variables, source, image_size=ctx.config.data.image_size,
       batch_size=cfg.batch_size, layers=layers, indices=idx, max_dim=cfg.max_pool_dim,
       mesh=ctx.mesh, name=f"probe features ({what})")

@@ -25,6 +25,9 @@ computes exactly its own rows: each process reads and decodes only the images of
 its own devices, and no process ever holds all N rows. ``extract_features`` is the
 same followed by a gather of every output to every process, for the evaluators'
 (subsampled) sets; with no mesh it runs on one device per process.
+``spill_features`` / ``spill_rows`` write the rows to disk as they are computed
+instead, each process its own devices' blocks (cluster/spill.py), for features over
+``clustering.memory_budget_gb``.
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from deeper_jax import augment
-from deeper_jax.cluster import layout
+from deeper_jax.cluster import layout, spill
 from deeper_jax.cluster.layout import Rows, plan_rows
 from deeper_jax.extract import pooling
 from deeper_jax.models import ConvBNReLU
@@ -178,7 +181,9 @@ def _write_fn(mesh: Mesh, rows_per_shard: int, num_rows: int):
 
 def map_rows(fn: Callable[[jax.Array], dict[str, jax.Array]], source, indices: np.ndarray,
              *, batch_size: int, out_dims: dict[str, int], mesh: Mesh, dtype=np.float32,
-             image_dtype=np.uint8, name: str = "extract", on_batch=None) -> dict[str, Rows]:
+             image_dtype=np.uint8, name: str = "extract", on_batch=None,
+             sink: Callable[[int, dict[str, jax.Array]], None] | None = None
+             ) -> dict[str, Rows]:
   """Runs ``fn`` over ``source.images(indices)``; each output stays on the devices as Rows.
 
   Row ``i`` of every output belongs to device ``i // R`` (``R = ceil(N / S)``), and
@@ -189,6 +194,10 @@ def map_rows(fn: Callable[[jax.Array], dict[str, jax.Array]], source, indices: n
   [S*b, H, W, C] (``image_dtype``, what the source returns) split over the mesh to
   ``{name: [S*b, d]}``. The next images are read while the devices compute
   (dispatch is asynchronous). ``on_batch(steps_done)`` is called after each step.
+
+  ``sink(start, outputs)``: instead of keeping the outputs on the devices, hand
+  each step's (device ``s`` holds rows ``s*R + start ...``) to ``sink``, one step
+  behind the devices (cluster/spill.py writes them to disk); returns ``{}``.
   """
   n, shards = len(indices), mesh.size
   if n < 1:
@@ -198,7 +207,8 @@ def map_rows(fn: Callable[[jax.Array], dict[str, jax.Array]], source, indices: n
   steps = -(-per_shard // per_device)
   sharding = mesh_lib.rows_sharding(mesh)
   image_shape = tuple(source.image_shape)
-  buffers = {k: layout.zeros(mesh, (shards * per_shard, d), dtype) for k, d in out_dims.items()}
+  buffers = {} if sink else {k: layout.zeros(mesh, (shards * per_shard, d), dtype)
+                             for k, d in out_dims.items()}
   write = _write_fn(mesh, per_shard, n)
   report = logs.progress(f"{name}: {n} images", steps)
   previous = None
@@ -222,11 +232,15 @@ def map_rows(fn: Callable[[jax.Array], dict[str, jax.Array]], source, indices: n
     buffers = {k: write(buffers[k], result[k], position) for k in buffers}
     if previous is not None:  # one step in flight: report work done, not dispatched
       jax.block_until_ready(previous)
+      if sink:
+        sink(*previous_start)
       report(step)
       if on_batch is not None:
         on_batch(step)
-    previous = result
+    previous, previous_start = result, (start, result)
   jax.block_until_ready(previous)
+  if sink:
+    sink(*previous_start)
   report(steps)
   if on_batch is not None:
     on_batch(steps)
@@ -300,6 +314,35 @@ def extract_rows(module, variables, source, *, mesh: Mesh | None = None,
       indices=indices, pooling_rule=pooling_rule, max_dim=max_dim, mesh=mesh, name=name)
   return map_rows(fn, source, indices, batch_size=batch_size, out_dims=out_dims, mesh=mesh,
                   name=name, on_batch=on_batch)
+
+
+def spill_rows(fn: Callable[[jax.Array], dict[str, jax.Array]], source, indices: np.ndarray,
+               directory: str, *, output: str, batch_size: int, out_dims: dict[str, int],
+               mesh: Mesh, name: str = "extract", on_batch=None) -> spill.Spilled:
+  """:func:`map_rows`' ``output`` written to ``directory`` as it comes (cluster/spill.py).
+
+  For features over the memory budget: each process writes the blocks of its own
+  devices, one ``.npy`` file each, and keeps no rows; a step's outputs are on the
+  devices only until they are written. Files a killed run left are removed first.
+  """
+  spill.clear(directory)
+  writer = spill.Writer(directory, len(indices), out_dims[output], mesh)
+  map_rows(fn, source, indices, batch_size=batch_size, out_dims={output: out_dims[output]},
+           mesh=mesh, name=name, on_batch=on_batch,
+           sink=lambda start, outputs: writer.write(start, outputs[output]))
+  return writer.close()
+
+
+def spill_features(module, variables, source, directory: str, *, mesh: Mesh | None = None,
+                   image_size: int | None = None, batch_size: int = 512,
+                   on_batch=None, name: str = "extract features") -> spill.Spilled:
+  """The ``'features'`` of :func:`extract_rows`, spilled to ``directory`` (:func:`spill_rows`)."""
+  mesh = mesh_lib.make_mesh() if mesh is None else mesh
+  indices, batch_size, out_dims, fn = _prepare(
+      module, variables, source, image_size=image_size, batch_size=batch_size, layers=(),
+      indices=None, pooling_rule="adaptive", max_dim=10_000, mesh=mesh, name=name)
+  return spill_rows(fn, source, indices, directory, output=FEATURES, batch_size=batch_size,
+                    out_dims=out_dims, mesh=mesh, name=name, on_batch=on_batch)
 
 
 def extract_features(module, variables, source, *, image_size: int | None = None,

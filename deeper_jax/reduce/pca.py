@@ -35,7 +35,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from deeper_jax.cluster import checks
+from deeper_jax.cluster import checks, spill
 from deeper_jax.cluster.layout import (RowLayout, Rows, gather_rows, plan_rows,
                                        put_rows, resolve_mesh, scan_chunks)
 from deeper_jax.runtime.mesh import DATA_AXES
@@ -109,7 +109,9 @@ def fit_pca_whitening(x, dim: int, *, sample_size: int | None = None, seed: int 
   m = len(rows)
   if m < 2:
     raise ValueError(f"PCA needs at least 2 rows to estimate a covariance, got {m}.")
-  if isinstance(x, Rows):
+  if isinstance(x, spill.Spilled):  # the sample only is read, each device its own slots
+    sample, mesh = x.load_rows(rows), x.mesh
+  elif isinstance(x, Rows):
     sample, mesh = (x if m == n else gather_rows(x, rows)), x.mesh
   else:
     sample = x if m == n else (x[jnp.asarray(rows)] if isinstance(x, jax.Array) else x[rows])
@@ -141,17 +143,21 @@ def _apply_fn(mesh: Mesh, layout: RowLayout):
 
 
 def apply_pca_whitening(pca: PCAWhitening, x, *, chunk_size: int = 8192,
-                        mesh: Mesh | None = None):
+                        mesh: Mesh | None = None, out_dir: str | None = None):
   """Whitened, L2-normalised features [N, dim] float32, computed chunk by chunk.
 
   Numpy [N, dim] for a numpy or jax ``x``; :class:`Rows` in the same layout (on the
-  devices, nothing gathered) for Rows.
+  devices, nothing gathered) for Rows; for :class:`~deeper_jax.cluster.spill.Spilled`
+  rows, Spilled rows in ``out_dir`` (each process streams its own files, a chunk
+  at a time).
   """
   n, d = checks.check_features(x, "x")
   checks.check_positive(chunk_size, "chunk_size")
   if np.shape(pca.mean) != (d,) or np.shape(pca.projection)[0] != d:
     raise ValueError(f"x has d={d} columns but the PCA was fitted on "
                      f"{np.shape(pca.mean)[0]}; fit the PCA on features of this size.")
+  if isinstance(x, spill.Spilled):
+    return _apply_spilled(pca, x, chunk_size, out_dir)
   mesh = x.mesh if isinstance(x, Rows) else resolve_mesh(mesh)
   layout = plan_rows(n, mesh.size, chunk_size)
   y = _apply_fn(mesh, layout)(put_rows(x, mesh, layout), jnp.asarray(pca.mean, jnp.float32),
@@ -159,6 +165,37 @@ def apply_pca_whitening(pca: PCAWhitening, x, *, chunk_size: int = 8192,
   if isinstance(x, Rows):
     return Rows(y, n)
   return np.asarray(y)[:n]
+
+
+@jax.jit
+def _apply_chunk(x, mean, projection):
+  """The body of :func:`_apply_fn` on one chunk of rows (one device)."""
+  y = jnp.dot(x - mean, projection, precision=lax.Precision.HIGHEST)
+  norm = jnp.sqrt(jnp.sum(y * y, axis=1, keepdims=True))
+  return y / jnp.maximum(norm, jnp.finfo(jnp.float32).tiny)
+
+
+def _apply_spilled(pca: PCAWhitening, x: spill.Spilled, chunk_size: int, out_dir: str | None
+                   ) -> spill.Spilled:
+  """Whitens spilled rows file by file into spilled rows of ``out_dir``.
+
+  Chunks as in memory (``plan_rows(N, S, chunk_size).chunk`` rows, the last one
+  zero-padded), so that each row meets the same program shape.
+  """
+  if out_dir is None:
+    raise ValueError("spilled features need an out_dir for their whitened rows.")
+  chunk = plan_rows(x.num_rows, x.mesh.size, chunk_size).chunk
+  device = x.mesh.local_devices[0]
+  mean = jax.device_put(jnp.asarray(pca.mean, jnp.float32), device)
+  projection = jax.device_put(jnp.asarray(pca.projection, jnp.float32), device)
+  spill.clear(out_dir)
+  writer = spill.Writer(out_dir, x.num_rows, projection.shape[1], x.mesh)
+  for rows, block in x.chunks(chunk):
+    padded = np.zeros((chunk, x.dim), np.float32)
+    padded[:len(rows)] = block
+    y = np.asarray(_apply_chunk(jax.device_put(padded, device), mean, projection))
+    writer.write_rows(rows, y[:len(rows)])
+  return writer.close()
 
 
 def whitened(pca: PCAWhitening, x: np.ndarray) -> np.ndarray:

@@ -213,7 +213,7 @@ def _train_and_evaluate(config, workdir, model, datasets, item_ids, fingerprint,
             clusters, metrics = pseudo_labels.cluster_backbone(
                 model, {"params": state.params, "batch_stats": state.batch_stats},
                 train_source, _with_method(config, method), cycle=cycle, mesh=current.mesh,
-                previous=previous)
+                previous=previous, workdir=workdir)
           if cycle > 0:
             state = current.place(state_lib.new_heads(state, config, method, head_tx,
                                                       phase=current.index, cycle=cycle))
