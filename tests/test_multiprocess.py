@@ -43,11 +43,11 @@ pytestmark = pytest.mark.slow
 
 LAUNCH = os.path.join(REPO, "tests", "launch.py")
 # tiny.py cut down: 512 images, no RotNet warm-up, one cycle of two epochs of 8 steps;
-# a checkpoint every 4 steps, every step's loss logged.
+# a checkpoint every 4 steps, every step's loss logged; the probe and kNN evaluated.
 ARGS = ["--config", "configs/tiny.py", "--config.data.max_train_images=512",
         "--config.method.rotnet_warmup_epochs=0", "--config.train.num_cycles=1",
         "--config.train.epochs_per_cycle=2", "--config.train.log_every_steps=1",
-        "--config.checkpoint.every_steps=4", "--config.eval.evaluators=clusters"]
+        "--config.checkpoint.every_steps=4", "--config.eval.evaluators=clusters,probe,knn"]
 STEPS = 16
 
 
@@ -176,6 +176,12 @@ def test_two_processes_train_like_one_process_to_float_tolerance(one_process, tw
               "ari_labels", "purity_labels", "num_clusters"):
     assert results_got["clusters"][key] == results_want["clusters"][key], key
   assert results_got["run"]["steps"] == results_want["run"]["steps"] == STEPS
+  # The probe and kNN run on each process's own rows with two processes (numpy with
+  # one): same features to float tolerance, so the same predictions but for a rare tie.
+  test_images = 1000  # tiny.py's probe_max_test_images
+  for section in ("probe", "knn"):
+    got, want = results_got[section]["top1"], results_want[section]["top1"]
+    assert abs(got - want) <= 2 / test_images, (section, got, want)
 
 
 def test_only_process_zero_writes_the_workdir_files(two_processes):
