@@ -18,7 +18,6 @@ No labels: the packer is for pre-training sets (probes read their own folders).
 """
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import os
 import struct
@@ -96,8 +95,7 @@ class ArrayRecordSource:
           "pack it again.")
     self.root, self.skipped = data_dir, [tuple(s) for s in manifest["skipped"]]
     self._size, self._channels = int(image_size), channels
-    self._num_threads = max(1, int(num_threads))
-    self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+    self._threads = imaging.DecodeThreads(num_threads)
 
   def __len__(self) -> int:
     return len(self.items)
@@ -111,13 +109,7 @@ class ArrayRecordSource:
     if not len(indices):
       return out
     records = self._records.__getitems__(indices.tolist())
-    if len(records) > 1 and self._num_threads > 1:
-      if self._pool is None:
-        self._pool = concurrent.futures.ThreadPoolExecutor(self._num_threads)
-      decoded = self._pool.map(self._decode, records)
-    else:
-      decoded = map(self._decode, records)
-    for row, image in enumerate(decoded):
+    for row, image in enumerate(self._threads.map(self._decode, records)):
       out[row] = image
     return out
 
@@ -143,10 +135,6 @@ class ArrayRecordSource:
 
   def subset(self, indices) -> SubsetSource:
     return SubsetSource(self, indices)
-
-  # A thread pool does not pickle (into the input pipeline's worker processes).
-  def __getstate__(self):
-    return {**self.__dict__, "_pool": None}
 
   def __repr__(self) -> str:
     return f"ArrayRecordSource({self.root!r}, n={len(self)}, image_shape={self.image_shape})"

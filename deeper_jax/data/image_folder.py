@@ -28,7 +28,6 @@ format and quality. Decisions, and why:
 """
 from __future__ import annotations
 
-import concurrent.futures
 import os
 import stat
 import threading
@@ -131,7 +130,7 @@ class ImageFolderSource:
       raise ValueError("extensions must list at least one file extension, e.g. ('.jpg',).")
     self.root: str = root
     self._size, self._channels = int(image_size), channels
-    self._num_threads = max(1, int(num_threads))
+    self._threads = imaging.DecodeThreads(num_threads)
     self.skipped: list[tuple[str, str]] = []
     candidates, self.num_ignored = _walk(root, extensions)
 
@@ -176,7 +175,6 @@ class ImageFolderSource:
     self._read_failures: list[tuple[int, str]] = []  # (index, reason), in the order found
     self._substitute: dict[int, int] = {}
     self._lock = threading.Lock()
-    self._pool: concurrent.futures.ThreadPoolExecutor | None = None
     (logging.warning if self.skipped else logging.info)("%s", self.report())
 
   # --- the source interface -------------------------------------------------
@@ -190,12 +188,7 @@ class ImageFolderSource:
   def images(self, indices) -> np.ndarray:
     indices = as_indices(indices, len(self))
     out = np.empty((len(indices),) + self.image_shape, np.uint8)
-    if len(indices) > 1 and self._num_threads > 1:
-      if self._pool is None:
-        self._pool = concurrent.futures.ThreadPoolExecutor(self._num_threads)
-      results = list(self._pool.map(self._try_decode, indices.tolist()))
-    else:
-      results = [self._try_decode(i) for i in indices.tolist()]
+    results = self._threads.map(self._try_decode, indices.tolist())
     for row, (index, image) in enumerate(zip(indices.tolist(), results)):
       out[row] = image if image is not None else self._decode_substitute(index)
     return out
@@ -285,12 +278,9 @@ class ImageFolderSource:
         f"{' of its class' if self._labels is not None else ''} under {self.root} decodes either; "
         f"see .skipped ({len(self.skipped)} entries).")
 
-  # Thread pools and locks do not pickle (e.g. into data-loader worker processes).
+  # Locks do not pickle (e.g. into the input pipeline's worker processes).
   def __getstate__(self):
-    state = self.__dict__.copy()
-    state["_pool"] = None
-    state["_lock"] = None
-    return state
+    return {**self.__dict__, "_lock": None}
 
   def __setstate__(self, state):
     self.__dict__.update(state)

@@ -22,6 +22,7 @@ are explicit about what PIL would otherwise get wrong or make expensive:
 """
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import os
 import stat
@@ -173,3 +174,29 @@ def resize_array(image: np.ndarray, size: int) -> np.ndarray:
     return image
   pil = Image.fromarray(image[:, :, 0] if channels == 1 else image)
   return pil_to_array(resize_center_crop(pil, size), channels)
+
+
+class DecodeThreads:
+  """Maps a decode function over one batch's items on a few threads.
+
+  PIL releases the GIL while it decodes, so a folder or shard source decodes a batch
+  on ``num_threads`` threads (the pool is made on first use; one item, or one thread,
+  runs inline). Pickles without its pool, so a source holding one can travel to the
+  input pipeline's worker processes.
+  """
+
+  def __init__(self, num_threads: int):
+    self.num_threads = max(1, int(num_threads))
+    self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+  def map(self, fn, items) -> list:
+    items = list(items)
+    if len(items) < 2 or self.num_threads < 2:
+      return [fn(item) for item in items]
+    if self._pool is None:
+      self._pool = concurrent.futures.ThreadPoolExecutor(self.num_threads)
+    return list(self._pool.map(fn, items))
+
+  def __getstate__(self):
+    return {"num_threads": self.num_threads, "_pool": None}
+
