@@ -20,8 +20,8 @@ Three measurements:
    step of ``benchmarks/train_step_vs_torch.py``: width 64, D = 4096, Sobel, S = 8,
    batch ``--batch``) on a fixed batch.
 3. **fed**: the same step fed by the pipeline from the folder, as the training loop
-   feeds it (``local_blocks`` → ``pipeline.batches`` → ``device_batch``): the share of
-   wall time spent waiting for the next batch, for 0 and 2 workers. The first fed step
+   feeds it (``pipeline.local_blocks`` → ``pipeline.batches`` → ``device_batch``): the
+   share of wall time spent waiting for the next batch, for 0 and 2 workers. The first fed step
    (workers starting) is reported apart.
 
   python benchmarks/input_pipeline.py --json benchmarks/results/input_pipeline.json
@@ -141,14 +141,15 @@ def fed_run(step, state, mesh, source, workers: int, args) -> tuple[dict, object
   import jax
   from deeper_jax.data import pipeline
   from deeper_jax.train import step as step_lib
-  from deeper_jax.train.loop import device_batch, local_blocks
+  from deeper_jax.train.loop import device_batch
   s, b = 8, args.batch // 8
   rng = np.random.default_rng(100 + workers)
   plan = rng.integers(0, len(source), (args.steps + 1, s, b)).astype(np.int32)
   sub_labels = np.zeros(len(source), np.int32)
   shardings = step_lib.batch_shardings(mesh)
-  feed = pipeline.batches(source, plan, local_blocks(shardings["images"], plan.shape[1:]),
-                          workers=workers, kind="processes", prefetch=args.prefetch)
+  blocks = pipeline.local_blocks(shardings["images"], plan.shape[1:])
+  feed = pipeline.batches(source, plan, blocks, workers=workers, kind="processes",
+                          prefetch=args.prefetch)
   key = jax.random.key(0)
   waits, totals = [], []
   for i in range(len(plan)):

@@ -39,10 +39,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.tfds_name = ""          # data.name='tfds': a prepared (array_record) dataset
   config.data.train_split = "train"   # tfds splits
   config.data.test_split = "test"
-  # Input pipeline (deeper_jax/data/pipeline.py): batches decoded ahead of the train step.
+  # Input pipeline (deeper_jax/data/pipeline.py): images decoded ahead of the train step
+  # and of every feature extraction (clustering, evaluators).
   config.data.workers = 2             # decode workers; 0 = in the training thread, no prefetch
   config.data.worker_kind = "auto"    # 'threads', 'processes', or 'auto': processes for
-                                      # sources that decode files (folders, ArrayRecord)
+                                      # reads of >= 20k images from files (folders,
+                                      # ArrayRecord), threads otherwise
   config.data.prefetch = 2            # batches decoded ahead of the step (workers > 0)
 
   config.model = ml_collections.ConfigDict()

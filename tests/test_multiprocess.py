@@ -26,6 +26,7 @@ a persistent XLA cache, so each program is compiled once for the module.
 import glob
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -38,7 +39,7 @@ import pytest
 from conftest import REPO
 from deeper_jax.runtime import checkpoints
 
-# Five launches (one 1-process job, four 2-process jobs): ~3 min on 2 shared cores.
+# Six launches (one 1-process job, five 2-process jobs): ~4 min on 2 shared cores.
 pytestmark = pytest.mark.slow
 
 LAUNCH = os.path.join(REPO, "tests", "launch.py")
@@ -79,11 +80,12 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def launch_two(workdir, cache: str, kill_at: dict | None = None) -> list[tuple[int, str, int]]:
+def launch_two(workdir, cache: str, kill_at: dict | None = None,
+               extra: tuple = ()) -> list[tuple[int, str, int]]:
   """Processes 0 and 1 with 2 devices each: [(return code, stderr, pid)] in process order."""
   port, kill_at = _free_port(), kill_at or {}
   procs = [subprocess.Popen(
-      [sys.executable, LAUNCH, *ARGS, "--workdir", str(workdir), "--distributed",
+      [sys.executable, LAUNCH, *ARGS, *extra, "--workdir", str(workdir), "--distributed",
        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
        "--heartbeat_timeout_seconds=10"],
       cwd=REPO, env=_env(2, cache, kill_at.get(i)), stdout=subprocess.DEVNULL,
@@ -194,21 +196,50 @@ def test_only_process_zero_writes_the_workdir_files(two_processes):
   assert read_json(two, "results.json")["run"]["train_images"] == 512
 
 
+def test_eval_mode_on_two_processes_repeats_the_end_of_training_and_runs_every_evaluator(
+    two_processes, tmp_path, xla_cache):
+  """``--mode eval`` of the finished two-process run, on two processes: kNN, which
+  training ran at its end, gives the same result bit for bit (same arrangement, same
+  reduction order); the paper probe and fine-tuning (small here), which read their own
+  batches, run on both processes too; process 0 alone writes."""
+  workdir = tmp_path / "evaluated"
+  shutil.copytree(two_processes[0], workdir)
+  before = read_json(workdir, "results.json")
+  small = {"paper_max_train_images": 256, "paper_max_test_images": 256,
+           "finetune_steps": 4, "finetune_max_test_images": 256}
+  runs = launch_two(workdir, xla_cache, extra=(
+      "--mode", "eval", "--config.eval.evaluators=knn,probe_paper,finetune",
+      *(f"--config.eval.{k}={v}" for k, v in small.items())))
+  for rc, log, _ in runs:
+    assert rc == 0, log[-3000:]
+  after = read_json(workdir, "results.json")
+  for section in ("run", "clusters", "probe", "knn"):  # training's, and kNN's again
+    assert without_timings(after[section]) == without_timings(before[section]), section
+  assert set(after["probe_paper"]["by_layer"]) == {"conv1_1", "conv2_1", "conv3_1"}
+  assert 0.1 < after["probe_paper"]["top1"] <= 1.0  # 10 classes: above chance
+  assert after["probe_paper"]["test_images"] == after["finetune"]["test_images"] == 256
+  assert set(after["finetune"]["top1"]) == {"1%", "10%"}
+  assert (workdir / "eval" / "probe_paper_by_layer.png").exists()
+
+
 def test_a_killed_process_stops_the_job_and_sigterm_stops_both_at_one_step(
     two_processes, tmp_path, xla_cache):
   """SIGKILL of process 1 at step 6 (checkpoint at step 4): process 0 does not hang.
   Then, resumed, SIGTERM to process 0 at step 6: both save the same checkpoint at
   one later step and exit cleanly (the notice travels through the coordination
   service, so that step is a few steps on; 10 steps are left for it). Then both run
-  to the end: bit-identical to the uninterrupted run."""
+  to the end: bit-identical to the uninterrupted run. (Only the clusters evaluator:
+  the probe and kNN were compared above.)"""
   workdir = tmp_path / "interrupted"
-  (rc0, log0, _), (rc1, _, _) = launch_two(workdir, xla_cache, kill_at={1: "step:6"})
+  launch = lambda **kwargs: launch_two(workdir, xla_cache,
+                                       extra=("--config.eval.evaluators=clusters",), **kwargs)
+  (rc0, log0, _), (rc1, _, _) = launch(kill_at={1: "step:6"})
   assert rc1 == -signal.SIGKILL
   assert rc0 != 0, log0[-3000:]  # stopped by the coordination service, not finished
   assert not (workdir / "results.json").exists()
   assert int(final_params(workdir)["['step']"]) == 4
 
-  runs = launch_two(workdir, xla_cache, kill_at={0: "step:6:SIGTERM"})
+  runs = launch(kill_at={0: "step:6:SIGTERM"})
   for rc, log, _ in runs:
     assert rc == 0, log[-3000:]
     assert "resumed from checkpoint" in log
@@ -220,7 +251,7 @@ def test_a_killed_process_stops_the_job_and_sigterm_stops_both_at_one_step(
   assert int(final_params(workdir)["['step']"]) == stopped
   assert not (workdir / "results.json").exists()
 
-  for rc, log, _ in launch_two(workdir, xla_cache):
+  for rc, log, _ in launch():
     assert rc == 0, log[-3000:]
   want, got = final_params(two_processes[0]), final_params(workdir)
   assert set(got) == set(want)

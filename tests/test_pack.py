@@ -104,7 +104,7 @@ def test_decoded_in_worker_processes_as_in_the_calling_thread(packed):
   assert pipeline.resolve_kind("auto", source) == "processes"
   plan = np.arange(4 * 2 * 4).reshape(4, 2, 4) % len(source)
   blocks = [(slice(0, 2), slice(0, 4))]
-  got = list(pipeline.batches(source, plan, blocks, start=1, workers=2))
+  got = list(pipeline.batches(source, plan, blocks, start=1, workers=2, kind="processes"))
   want = [(source.images(step.reshape(-1)).reshape(2, 4, 24, 24, 3),) for step in plan[1:]]
   assert len(got) == 3
   for g, w in zip(got, want):

@@ -113,12 +113,16 @@ def test_stopping_early_closes_the_workers(photo_folder):
   assert_same_batches([first], synchronous(source, plan, WHOLE)[:1])
 
 
-def test_auto_uses_processes_only_for_sources_that_decode_files(fmnist, photo_folder):
-  folder = ImageFolderSource(photo_folder, 24)
+def test_auto_uses_processes_only_for_long_reads_of_sources_that_decode_files(fmnist,
+                                                                             photo_folder):
+  folder, long_read = ImageFolderSource(photo_folder, 24), pipeline.AUTO_PROCESS_IMAGES
   assert pipeline.resolve_kind("auto", folder) == "processes"
-  assert pipeline.resolve_kind("auto", folder.subset(np.arange(10))) == "processes"
+  assert pipeline.resolve_kind("auto", folder.subset(np.arange(10)), long_read) == "processes"
+  assert pipeline.resolve_kind("auto", folder, long_read - 1) == "threads"  # start-up > gain
   assert pipeline.resolve_kind("auto", fmnist) == "threads"
+  assert pipeline.resolve_kind("auto", fmnist, 10 * long_read) == "threads"
   assert pipeline.resolve_kind("threads", folder) == "threads"
+  assert pipeline.resolve_kind("processes", folder, 1) == "processes"
   with pytest.raises(ValueError, match="worker kind must be one of"):
     pipeline.resolve_kind("fibers", folder)
 
@@ -134,6 +138,40 @@ def test_bad_arguments_are_refused_in_one_line(fmnist):
     next(pipeline.batches(fmnist, plan[0], WHOLE))
 
 
+@pytest.mark.parametrize("kind", ["threads", "processes"])
+def test_feature_extraction_through_workers_is_the_synchronous_extraction(photo_folder, kind):
+  """Extraction, the evaluators' batches and fine-tuning read through the same pipeline:
+  decoding ahead in workers changes no output bit and reports the same broken file."""
+  from deeper_jax.evaluate.finetune import _batch_plan
+  from deeper_jax.extract import features as features_lib
+  from test_extract import random_network
+  module, variables = random_network("small_cnn28", 4, 16, 24, channels=3)
+  indices = np.arange(5, 5 + 53)  # 53 rows: a padded last batch / device block
+  outputs, failures = {}, {}
+  for decode in (pipeline.Decode(), pipeline.Decode(2, kind, 3)):
+    source = ImageFolderSource(photo_folder, 24)
+    run = lambda fn, **kw: fn(module, variables, source, batch_size=16, layers="conv1",
+                              indices=indices, decode=decode, **kw)
+    rows = run(features_lib.extract_rows, mesh=features_lib.mesh_lib.make_mesh())
+    outputs[decode] = {"numpy": run(features_lib.extract_features),
+                       "rows": {k: v.to_numpy() for k, v in rows.items()}}
+    failures[decode] = source.read_failures()
+  (sync, ahead), (sync_failed, ahead_failed) = outputs.values(), failures.values()
+  for how in ("numpy", "rows"):
+    assert sync[how].keys() == {"features", "conv1"}
+    for k in sync[how]:
+      assert sync[how][k].shape[0] == 53
+      np.testing.assert_array_equal(ahead[how][k], sync[how][k], err_msg=f"{how} {k}")
+  np.testing.assert_array_equal(sync["numpy"]["features"], sync["rows"]["features"])
+  broken = ImageFolderSource(photo_folder, 24).paths.index(
+      os.path.join(photo_folder, "photo_0_05_truncated.jpg"))
+  assert broken in indices and sync_failed == ahead_failed and len(sync_failed) == 1
+  # Fine-tuning's plan: sorted batches of fresh permutations, every image once per pass.
+  plan = _batch_plan(indices, steps=7, batch_size=16, seed=0)
+  assert plan.shape == (7, 16) and (np.diff(plan, axis=1) > 0).all()
+  assert sorted(np.concatenate(plan[:3])) == sorted(set(np.concatenate(plan[:3])))
+
+
 def test_device_batch_assembles_the_prefetched_blocks_of_each_device(with_devices):
   """8 devices, a 4 × 2 mesh: the pipeline decodes this process's 4 distinct blocks once,
   and the global batch equals the one device_batch reads itself."""
@@ -143,12 +181,12 @@ def test_device_batch_assembles_the_prefetched_blocks_of_each_device(with_device
     from deeper_jax.data import load_fashion_mnist, pipeline
     from deeper_jax.runtime import mesh as mesh_lib
     from deeper_jax.train import step as step_lib
-    from deeper_jax.train.loop import device_batch, local_blocks
+    from deeper_jax.train.loop import device_batch
     source = load_fashion_mnist('test')
     shardings = step_lib.batch_shardings(mesh_lib.make_mesh(4))
     plan = (np.arange(3 * 4 * 6).reshape(3, 4, 6) * 7).astype(np.int32)
     sub = (np.arange(len(source)) % 5).astype(np.int32)
-    blocks = local_blocks(shardings['images'], plan.shape[1:])
+    blocks = pipeline.local_blocks(shardings['images'], plan.shape[1:])
     same = []
     for i, local in enumerate(pipeline.batches(source, plan, blocks, start=1, workers=2,
                                                kind='threads')):

@@ -54,13 +54,16 @@ def test_a_workdir_written_by_another_config_refuses_to_resume(tmp_path):
   workdir_lib.check_config(str(tmp_path), config)  # same config: fine
   other = test_config("tiny", **{"method.num_sub_clusters": 7, "train.learning_rate": 0.5,
                                  "checkpoint.every_steps": 10,  # cadence may change freely
-                                 "train.num_cycles": 5})        # so may the length
+                                 "train.num_cycles": 5,         # so may the length
+                                 "data.workers": 0,             # and how data is read/held
+                                 "clustering.memory_budget_gb": 2.0})
   with pytest.raises(WorkdirError) as error:
     workdir_lib.check_config(str(tmp_path), other)
   message = str(error.value)
   assert "method.num_sub_clusters: 4 in the workdir, 7 now" in message
   assert "train.learning_rate: 0.05 in the workdir, 0.5 now" in message
   assert "checkpoint" not in message and "num_cycles" not in message
+  assert "workers" not in message and "memory_budget" not in message
   assert "use a new --workdir or the original config" in message
 
 
@@ -188,6 +191,20 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
   assert message.endswith("move that folder away to start this run over, or use another "
                           "--workdir.")
   shutil.rmtree(workdir / "checkpoints")
+
+
+def test_closed_loop_noise_of_aborted_reads_is_dropped_and_nothing_else():
+  from deeper_jax.runtime.checkpoints import _without_closed_loop_tracebacks
+  noise = ("Traceback (most recent call last):\n"
+           '  File "/usr/lib/python3.11/asyncio/base_events.py", line 806, in '
+           "call_soon_threadsafe\n    self._check_closed()\n"
+           "    raise RuntimeError('Event loop is closed')\n"
+           "RuntimeError: Event loop is closed\n")
+  log = "W1203 checkpoint 1 is damaged\n"
+  assert _without_closed_loop_tracebacks(noise + log + noise) == log
+  assert _without_closed_loop_tracebacks(log) == log
+  other = "Traceback (most recent call last):\nValueError: boom\n"
+  assert _without_closed_loop_tracebacks(other) == other
 
 
 # --- Divergence ---------------------------------------------------------------------

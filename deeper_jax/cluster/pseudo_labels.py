@@ -18,6 +18,7 @@ from absl import logging
 from sklearn.metrics import normalized_mutual_info_score
 
 from deeper_jax.cluster import hierarchical
+from deeper_jax.data import pipeline
 from deeper_jax.extract import features as features_lib
 from deeper_jax.reduce import pca as pca_lib
 
@@ -95,11 +96,12 @@ def cluster_backbone(model, variables, source, config, *, cycle: int, mesh,
     feats = features_lib.spill_features(
         model, variables, source, os.path.join(directory, "raw"),
         image_size=config.data.image_size, batch_size=cfg.extract_batch_size, mesh=mesh,
-        name=name)
+        name=name, decode=pipeline.Decode.from_config(config))
   else:
     feats = features_lib.extract_rows(
         model, variables, source, image_size=config.data.image_size,
-        batch_size=cfg.extract_batch_size, mesh=mesh, name=name)[features_lib.FEATURES]
+        batch_size=cfg.extract_batch_size, mesh=mesh, name=name,
+        decode=pipeline.Decode.from_config(config))[features_lib.FEATURES]
   seed = cluster_seed(config.seed, cycle)
   whitening = pca_lib.fit_pca_whitening(
       feats, cfg.pca_dim, sample_size=min(cfg.pca_sample_size, n), seed=seed, mesh=mesh)

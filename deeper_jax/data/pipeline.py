@@ -8,9 +8,11 @@ the batches ``plan[i:]`` of the synchronous path, bit for bit, whatever the work
 (a resumed run replays its epoch exactly).
 
 Each process decodes only its own rows: ``blocks`` lists the ``[S, b]`` index blocks
-of this process's devices (``train/loop.py``: ``local_blocks``), and an element is the
-tuple of their ``uint8 [s, b', H, W, C]`` images. ``loop.device_batch`` then assembles
-the global array from them.
+of this process's devices (:func:`local_blocks`), and an element is the tuple of their
+``uint8 [s, b', H, W, C]`` images. ``loop.device_batch`` then assembles the global
+array from them. Feature extraction (extract/features.py) reads through the same
+pipeline: its plan is ``[batches, devices, rows per device]`` in the order it computes
+rows, so decoding runs ahead of the forward passes there too (:class:`Decode`).
 
 Three ways to decode (``config.data.workers`` / ``worker_kind``), decided per source:
 
@@ -31,7 +33,10 @@ Three ways to decode (``config.data.workers`` / ``worker_kind``), decided per so
   them needs the ``if __name__ == "__main__":`` guard. Batches come back through shared
   memory and are copied into plain arrays; workers exit when their parent is killed.
 
-``auto`` picks processes for sources that decode files and threads otherwise.
+``auto`` picks processes for sources that decode files, when the read is long enough
+to repay their start-up (``AUTO_PROCESS_IMAGES``: a training epoch or an extraction of a
+real collection), and threads otherwise (in-memory sources, or a few hundred images
+of an evaluator's subset or a small folder).
 
 Image folders find broken files while decoding; in a worker process that copy of the
 source learns it, not the run's. So each element also carries the read-time failures
@@ -40,6 +45,7 @@ its decode found (index, reason), and the consumer records them on the run's sou
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -53,9 +59,55 @@ import numpy as np
 from deeper_jax.data.sources import ResizedSource, Source, SubsetSource
 
 WORKER_KINDS = ("auto", "threads", "processes")
+# ``auto``: the fewest images a file-decoding read must have to get worker processes.
+# Starting 2 spawned workers took 2.4-4 s on this project's 2-core machine
+# (benchmarks/input_pipeline.py); 20,000 JPEGs are ~50 s of decoding at the measured
+# ~400 images/s per core, so below this the start-up is a large share of the read.
+AUTO_PROCESS_IMAGES = 20_000
 
 # An index block over the [S, b] plan of one step: (super-class slice, per-super slice).
 Block = tuple[slice, slice]
+
+
+@dataclasses.dataclass(frozen=True)
+class Decode:
+  """How a reader's images are decoded: ``config.data.workers``, ``worker_kind``,
+  ``prefetch`` (see :func:`batches`). The default decodes in the calling thread."""
+  workers: int = 0
+  kind: str = "auto"
+  prefetch: int = 2
+
+  @classmethod
+  def from_config(cls, config) -> "Decode":
+    data = config.data
+    return cls(int(data.workers), str(data.worker_kind), int(data.prefetch))
+
+  def batches(self, source: Source, plan: np.ndarray, blocks: Sequence["Block"],
+              start: int = 0) -> Iterator[tuple[np.ndarray, ...]]:
+    return batches(source, plan, blocks, start=start, workers=self.workers, kind=self.kind,
+                   prefetch=self.prefetch)
+
+
+def local_blocks(sharding, plan_shape: tuple) -> list[tuple[slice, slice]]:
+  """The distinct ``[S, b]`` index blocks of this process's devices, in device order.
+
+  ``sharding``: how the ``[S, b, ...]`` batch is laid out over the devices. What the
+  input pipeline decodes for this process: a block two devices share (a replicated
+  axis) is read once.
+  """
+  shape = tuple(plan_shape)[:2]
+  keys = []
+  for index in sharding.addressable_devices_indices_map(shape).values():
+    key = block_key(index, shape)
+    if key not in keys:
+      keys.append(key)
+  return [(slice(*rows), slice(*cols)) for rows, cols in keys]
+
+
+def block_key(index: tuple, plan_shape: tuple) -> tuple:
+  """A block, or a device's index, over an ``[S, b, ...]`` plan as a hashable
+  ``((start, stop), (start, stop))``."""
+  return tuple(index[axis].indices(plan_shape[axis])[:2] for axis in range(2))
 
 
 def base_source(source: Source) -> Source:
@@ -70,12 +122,14 @@ def decodes_files(source: Source) -> bool:
   return bool(getattr(base_source(source), "decodes_files", False))
 
 
-def resolve_kind(kind: str, source: Source) -> str:
-  """``'threads'`` or ``'processes'``: ``auto`` is processes for file-decoding sources."""
+def resolve_kind(kind: str, source: Source, num_images: int | None = None) -> str:
+  """``'threads'`` or ``'processes'``. ``auto``: processes for a file-decoding source
+  whose read has at least ``AUTO_PROCESS_IMAGES`` images (``None``: a long read)."""
   if kind not in WORKER_KINDS:
     raise ValueError(f"worker kind must be one of {WORKER_KINDS}, got {kind!r}.")
   if kind == "auto":
-    return "processes" if decodes_files(source) else "threads"
+    long_read = num_images is None or num_images >= AUTO_PROCESS_IMAGES
+    return "processes" if decodes_files(source) and long_read else "threads"
   return kind
 
 
@@ -180,7 +234,7 @@ def batches(source: Source, plan: np.ndarray, blocks: Sequence[Block], *, start:
     return
   import grain  # pylint: disable=g-import-not-at-top  # only runs that prefetch need it
   dataset = grain.MapDataset.source(reader)
-  if resolve_kind(kind, source) == "threads":
+  if resolve_kind(kind, source, num_images=np.asarray(plan)[start:].size) == "threads":
     iterable = dataset.to_iter_dataset(
         grain.ReadOptions(num_threads=workers, prefetch_buffer_size=prefetch))
     merge = False  # threads share `source`: failures are already recorded on it

@@ -59,8 +59,8 @@ def _flat_clusters(ctx: context_lib.Context, k: int) -> np.ndarray:
   mesh = ctx.mesh or mesh_lib.make_mesh()
   feats = features_lib.extract_rows(
       ctx.model, ctx.variables, ctx.datasets.train, image_size=ctx.config.data.image_size,
-      batch_size=cfg.extract_batch_size, mesh=mesh,
-      name="clusters: features")[features_lib.FEATURES]
+      batch_size=cfg.extract_batch_size, mesh=mesh, name="clusters: features",
+      decode=ctx.decode)[features_lib.FEATURES]
   whitening = pca_lib.fit_pca_whitening(feats, min(cfg.pca_dim, feats.shape[1]),
                                         sample_size=min(cfg.pca_sample_size, len(feats)),
                                         seed=ctx.config.seed)

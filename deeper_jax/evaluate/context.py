@@ -15,6 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from deeper_jax.data import pipeline
 from deeper_jax.data.registry import Datasets
 
 NEEDS_LABELS = ("needs labelled images: set config.data.eval_dir to a folder with train/ and "
@@ -43,6 +44,11 @@ class Context:
   def writes(self) -> bool:
     """Only process 0 writes files."""
     return jax.process_index() == 0
+
+  @property
+  def decode(self) -> pipeline.Decode:
+    """How evaluators decode images: as training does (``config.data.workers``)."""
+    return pipeline.Decode.from_config(self.config)
 
   @property
   def channels(self) -> int:

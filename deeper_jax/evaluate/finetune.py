@@ -26,6 +26,7 @@ reused by every run; the state is donated.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Callable, Mapping, Sequence
 
@@ -37,6 +38,7 @@ from absl import logging
 from flax.core import unfreeze
 
 from deeper_jax import augment
+from deeper_jax.data import pipeline
 from deeper_jax.evaluate import context as context_lib
 from deeper_jax.extract.features import layer_shapes, map_batches
 from deeper_jax.runtime import logs
@@ -165,17 +167,30 @@ def _eval_logits(module, image_size: int):
   return logits
 
 
+def _batch_plan(indices: np.ndarray, steps: int, batch_size: int, seed: int) -> np.ndarray:
+  """``[steps, batch_size]`` indices: sorted batches of seeded permutations, one per pass."""
+  rng = np.random.default_rng(seed)
+  order, position, plan = rng.permutation(indices), 0, []
+  for _ in range(steps):
+    if position + batch_size > order.size:
+      order, position = rng.permutation(indices), 0
+    plan.append(np.sort(order[position:position + batch_size]))
+    position += batch_size
+  return np.stack(plan)
+
+
 def train_classifier(module, variables, source, indices, *, image_size: int, steps: int,
                      batch_size: int = 64, lr: float = 0.1, momentum: float = 0.9,
                      weight_decay: float = 5e-4, seed: int = 0,
-                     num_classes: int | None = None,
-                     name: str = "finetune") -> tuple[Any, dict]:
+                     num_classes: int | None = None, name: str = "finetune",
+                     decode: pipeline.Decode = pipeline.Decode()) -> tuple[Any, dict]:
   """Supervised training of backbone + a new linear head on ``source[indices]``.
 
   Returns ``(backbone_variables, head)`` with ``head = {w, b, mean, var}``
   (see :func:`head_logits`). Batches walk through a fresh
   seeded permutation of ``indices`` each pass, so two calls with the same seed
-  see the same images in the same order whatever the initial weights.
+  see the same images in the same order whatever the initial weights. ``decode``:
+  how those batches are decoded (data/pipeline.py; default: in this thread).
   """
   indices = np.asarray(indices)
   labels = source.labels
@@ -203,33 +218,29 @@ def train_classifier(module, variables, source, indices, *, image_size: int, ste
   step = _train_step(module, image_size, steps, float(lr), float(momentum),
                      float(weight_decay))
 
-  rng = np.random.default_rng(seed)
-  order, position = rng.permutation(indices), 0
+  plan = _batch_plan(indices, steps, batch_size, seed)
   report = logs.progress(f"{name}: {steps} steps", steps)
   previous_loss = None
-  for i in range(steps):
-    if position + batch_size > order.size:
-      order, position = rng.permutation(indices), 0
-    batch = np.sort(order[position:position + batch_size])
-    position += batch_size
-    images = np.asarray(source.images(batch))
-    params, state, opt_state, loss = step(
-        params, state, opt_state, images, np.asarray(labels[batch], np.int32),
-        jax.random.fold_in(key, i))
-    # One step in flight: the next batch is read while this one computes, and
-    # the progress line still times real work.
-    if previous_loss is not None:
-      previous_loss.block_until_ready()
-    previous_loss = loss
-    report(i + 1)
+  feed = decode.batches(source, plan[:, None], [(slice(0, 1), slice(0, batch_size))])
+  with contextlib.closing(feed):
+    for i, (batch, (images,)) in enumerate(zip(plan, feed)):
+      params, state, opt_state, loss = step(
+          params, state, opt_state, images[0], np.asarray(labels[batch], np.int32),
+          jax.random.fold_in(key, i))
+      # One step in flight: the next batch is read while this one computes, and
+      # the progress line still times real work.
+      if previous_loss is not None:
+        previous_loss.block_until_ready()
+      previous_loss = loss
+      report(i + 1)
   logging.info("%s: final batch loss %.4f", name, float(loss))
   return ({"params": params["backbone"], **state["backbone"]},
           {**params["head"], **state["head"]})
 
 
 def classifier_accuracy(module, variables, head, source, *, image_size: int,
-                        batch_size: int = 512,
-                        indices: np.ndarray | None = None) -> float:
+                        batch_size: int = 512, indices: np.ndarray | None = None,
+                        decode: pipeline.Decode = pipeline.Decode()) -> float:
   """Top-1 of backbone + head (eval mode) on ``source`` (or ``source[indices]``)."""
   if source.labels is None:
     raise ValueError("the evaluation source has no labels; pass a labelled split.")
@@ -239,7 +250,7 @@ def classifier_accuracy(module, variables, head, source, *, image_size: int,
   logits = _eval_logits(module, image_size)
   out = map_batches(lambda images: {"logits": logits(variables, head, images)},
                     source, indices, batch_size=batch_size,
-                    out_dims={"logits": num_classes}, name="finetune eval")
+                    out_dims={"logits": num_classes}, name="finetune eval", decode=decode)
   pred = out["logits"].argmax(-1)
   return float((pred == np.asarray(source.labels)[indices]).mean())
 
@@ -250,7 +261,8 @@ def finetune_few_labels(module, variables, train_source, test_source, *, image_s
                         batch_size: int = 64, lr: float = 0.1, momentum: float = 0.9,
                         weight_decay: float = 5e-4, seed: int = 0,
                         eval_batch_size: int = 512,
-                        test_indices: np.ndarray | None = None
+                        test_indices: np.ndarray | None = None,
+                        decode: pipeline.Decode = pipeline.Decode()
                         ) -> dict[str, dict[str, float]]:
   """``{'1%': {'pretrained': top1, 'scratch': top1}, '10%': {...}}`` on the test split.
 
@@ -273,10 +285,10 @@ def finetune_few_labels(module, variables, train_source, test_source, *, image_s
           module, start, train_source, subset, image_size=image_size, steps=steps,
           batch_size=batch_size,
           lr=lr, momentum=momentum, weight_decay=weight_decay, seed=seed,
-          num_classes=num_classes, name=f"finetune {label} {start_name}")
+          num_classes=num_classes, name=f"finetune {label} {start_name}", decode=decode)
       results[label][start_name] = classifier_accuracy(
           module, trained, head, test_source, image_size=image_size, batch_size=eval_batch_size,
-          indices=test_indices)
+          indices=test_indices, decode=decode)
   return results
 
 
@@ -292,5 +304,5 @@ def evaluate(ctx: context_lib.Context) -> dict:
       image_size=ctx.config.data.image_size, fractions=tuple(cfg.finetune_fractions),
       steps=cfg.finetune_steps, batch_size=cfg.finetune_batch_size, lr=cfg.finetune_lr,
       momentum=cfg.finetune_momentum, weight_decay=cfg.finetune_weight_decay, seed=seed,
-      eval_batch_size=cfg.batch_size, test_indices=test_idx)
+      eval_batch_size=cfg.batch_size, test_indices=test_idx, decode=ctx.decode)
   return {"top1": top1, "steps": int(cfg.finetune_steps), "test_images": int(test_idx.size)}

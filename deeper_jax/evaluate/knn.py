@@ -160,7 +160,7 @@ def evaluate(ctx: context_lib.Context) -> dict:
   extract = lambda source, idx, fn=features_lib.extract_features: fn(
       ctx.model, ctx.variables, source, image_size=ctx.config.data.image_size,
       batch_size=cfg.batch_size, layers=layers, indices=idx, max_dim=cfg.max_pool_dim,
-      mesh=ctx.mesh, name="knn features")[cfg.knn_layer]
+      mesh=ctx.mesh, name="knn features", decode=ctx.decode)[cfg.knn_layer]
   # Many processes: the bank stays split over them (one process: numpy, as always).
   bank_fn = (features_lib.extract_rows if jax.process_count() > 1
              else features_lib.extract_features)

@@ -35,7 +35,7 @@ def _probe_all(ctx, variables, layers, train_idx, test_idx, seed: int) -> dict:
   extract = lambda source, idx, what: extract_fn(
       ctx.model, variables, source, image_size=ctx.config.data.image_size,
       batch_size=cfg.batch_size, layers=layers, indices=idx, max_dim=cfg.max_pool_dim,
-      mesh=ctx.mesh, name=f"probe features ({what})")
+      mesh=ctx.mesh, name=f"probe features ({what})", decode=ctx.decode)
   train_feats = extract(data.labelled_train, train_idx, "labelled train")
   test_feats = extract(data.test, test_idx, "test")
   names = [k for k in train_feats if k != features_lib.FEATURES]

@@ -22,6 +22,7 @@ training them one at a time on the same batches).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -118,19 +119,19 @@ def evaluate(ctx: context_lib.Context) -> dict:
   report = logs.progress(f"paper probes: {len(layers)} layers, {cfg.paper_epochs} epochs",
                          cfg.paper_epochs * steps_per_epoch)
   losses = {}
-  for epoch in range(cfg.paper_epochs):
-    order = rng.permutation(train_idx)
-    for i in range(steps_per_epoch):
-      idx = np.sort(order[i * batch:(i + 1) * batch])
-      t = epoch * steps_per_epoch + i
-      params, opt_state, losses = step(params, opt_state, ctx.variables,
-                                       np.asarray(train_src.images(idx)), labels[idx],
-                                       jax.random.fold_in(key, t + 1))
+  plan = np.stack([np.sort(order[i * batch:(i + 1) * batch])  # [epochs * steps, batch]
+                   for order in (rng.permutation(train_idx) for _ in range(cfg.paper_epochs))
+                   for i in range(steps_per_epoch)])
+  feed = ctx.decode.batches(train_src, plan[:, None], [(slice(0, 1), slice(0, batch))])
+  with contextlib.closing(feed):
+    for t, (idx, (images,)) in enumerate(zip(plan, feed)):
+      params, opt_state, losses = step(params, opt_state, ctx.variables, images[0],
+                                       labels[idx], jax.random.fold_in(key, t + 1))
       report(t + 1)
   test_feats = features_lib.extract_features(
       ctx.model, ctx.variables, test_src, image_size=size, batch_size=cfg.batch_size,
       layers=layers, indices=test_idx, pooling_rule="paper", max_dim=cfg.max_pool_dim,
-      mesh=ctx.mesh, name="paper probe test features")
+      mesh=ctx.mesh, name="paper probe test features", decode=ctx.decode)
   test_labels = np.asarray(test_src.labels)[test_idx]
   by_layer = {k: float((pred == test_labels).mean())
               for k, pred in _predict(params, test_feats).items()}

@@ -31,6 +31,7 @@ instead, each process its own devices' blocks (cluster/spill.py), for features o
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Callable, Sequence
@@ -40,11 +41,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax import lax
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from deeper_jax import augment
 from deeper_jax.cluster import layout, spill
 from deeper_jax.cluster.layout import Rows, plan_rows
+from deeper_jax.data import pipeline
 from deeper_jax.extract import pooling
 from deeper_jax.models import ConvBNReLU
 from deeper_jax.runtime import logs
@@ -114,31 +116,46 @@ def pool(x: jax.Array, pooling_rule: str, max_dim: int) -> jax.Array:
   return pooling.pool_features(x, max_dim)
 
 
+def _padded_plan(indices: np.ndarray, starts: np.ndarray, devices: int, per_device: int,
+                 per_device_stride: int) -> np.ndarray:
+  """``int [steps, devices, per_device]``: the source index of each row slot of each step.
+
+  Step ``t``'s slot ``j`` of device ``s`` is row ``s * per_device_stride + starts[t] + j``
+  of ``indices``; a slot past the last row reads the last image again (its output is
+  dropped), so every step decodes full blocks.
+  """
+  rows = (np.arange(devices)[None, :, None] * per_device_stride + starts[:, None, None]
+          + np.arange(per_device)[None, None, :])
+  return np.asarray(indices)[np.minimum(rows, len(indices) - 1)]
+
+
 def map_batches(fn: Callable[[np.ndarray], dict[str, jax.Array]], source,
                 indices: np.ndarray, *, batch_size: int, out_dims: dict[str, int],
-                dtype=np.float32, mesh: Mesh | None = None,
-                name: str = "extract", on_batch=None) -> dict[str, np.ndarray]:
+                dtype=np.float32, name: str = "extract", on_batch=None,
+                decode: pipeline.Decode = pipeline.Decode()) -> dict[str, np.ndarray]:
   """Runs ``fn`` over ``source.images(indices)`` in fixed-size batches, into numpy.
 
-  For one process (or ``mesh=None``: each process on its own default device); on
-  many, :func:`map_rows` splits the work and the outputs over all of them.
+  Each process on its own default device; :func:`map_rows` splits the work and the
+  outputs over a mesh instead.
 
   ``fn`` maps a uint8 batch [batch_size, H, W, C] to a dict of [batch_size, d]
-  arrays. The next batch is read from the source while the device computes
-  the current one (jax dispatch is asynchronous), and the results are written
-  into preallocated numpy arrays, so memory holds one copy of the outputs.
-  ``on_batch(batches_done)`` is called after each batch.
+  arrays. Images are decoded as ``decode`` says (data/pipeline.py: ahead, in worker
+  threads or processes; by default here, while the device computes the previous
+  batch: dispatch is asynchronous), and the results are written into preallocated
+  numpy arrays, so memory holds one copy of the outputs. ``on_batch(batches_done)``
+  is called after each batch.
   """
   n = len(indices)
   outputs = {k: np.empty((n, d), dtype) for k, d in out_dims.items()}
-  sharding = mesh_lib.rows_sharding(mesh) if mesh is not None else None
-  num_batches = -(-n // batch_size)
-  report = logs.progress(f"{name}: {n} images", num_batches)
+  starts = np.arange(0, n, batch_size)
+  plan = _padded_plan(indices, starts, 1, batch_size, 0)
+  report = logs.progress(f"{name}: {n} images", len(starts))
   pending, done = None, 0
 
   def collect(item):
     nonlocal done
-    result, start, count = item
+    result, start = item
+    count = min(batch_size, n - start)
     for k, v in result.items():
       outputs[k][start:start + count] = np.asarray(v[:count], dtype)
     done += 1
@@ -146,15 +163,13 @@ def map_batches(fn: Callable[[np.ndarray], dict[str, jax.Array]], source,
     if on_batch is not None:
       on_batch(done)
 
-  for start in range(0, n, batch_size):
-    batch_idx = indices[start:start + batch_size]
-    images = np.asarray(source.images(batch_idx))
-    images, count = mesh_lib.pad_rows(images, batch_size)
-    images = jax.device_put(images, sharding) if sharding is not None else images
-    result = fn(images)
-    if pending is not None:
-      collect(pending)
-    pending = (result, start, count)
+  feed = decode.batches(source, plan, [(slice(0, 1), slice(0, batch_size))])
+  with contextlib.closing(feed):
+    for start, (images,) in zip(starts, feed):
+      result = fn(images[0])
+      if pending is not None:
+        collect(pending)
+      pending = (result, int(start))
   if pending is not None:
     collect(pending)
   return outputs
@@ -182,18 +197,19 @@ def _write_fn(mesh: Mesh, rows_per_shard: int, num_rows: int):
 def map_rows(fn: Callable[[jax.Array], dict[str, jax.Array]], source, indices: np.ndarray,
              *, batch_size: int, out_dims: dict[str, int], mesh: Mesh, dtype=np.float32,
              image_dtype=np.uint8, name: str = "extract", on_batch=None,
-             sink: Callable[[int, dict[str, jax.Array]], None] | None = None
-             ) -> dict[str, Rows]:
+             sink: Callable[[int, dict[str, jax.Array]], None] | None = None,
+             decode: pipeline.Decode = pipeline.Decode()) -> dict[str, Rows]:
   """Runs ``fn`` over ``source.images(indices)``; each output stays on the devices as Rows.
 
   Row ``i`` of every output belongs to device ``i // R`` (``R = ceil(N / S)``), and
   that device computes it: step ``t`` hands device ``s`` the images of rows
   ``s*R + t*b ... + b`` (``b = batch_size / S`` per device, the last step taking the
-  last ``b`` rows of the block again), built with ``make_array_from_callback``, so
-  each process decodes only its own devices' images. ``fn`` maps a global batch
-  [S*b, H, W, C] (``image_dtype``, what the source returns) split over the mesh to
-  ``{name: [S*b, d]}``. The next images are read while the devices compute
-  (dispatch is asynchronous). ``on_batch(steps_done)`` is called after each step.
+  last ``b`` rows of the block again). Those blocks are the plan of the input
+  pipeline (data/pipeline.py), which decodes this process's devices' blocks only, as
+  ``decode`` says (by default in this thread, while the devices compute the previous
+  step); ``make_array_from_callback`` assembles the global batch from them. ``fn``
+  maps that batch [S*b, H, W, C] (``image_dtype``) split over the mesh to
+  ``{name: [S*b, d]}``. ``on_batch(steps_done)`` is called after each step.
 
   ``sink(start, outputs)``: instead of keeping the outputs on the devices, hand
   each step's (device ``s`` holds rows ``s*R + start ...``) to ``sink``, one step
@@ -205,45 +221,43 @@ def map_rows(fn: Callable[[jax.Array], dict[str, jax.Array]], source, indices: n
   per_shard = plan_rows(n, shards, 1).rows_per_shard
   per_device = max(1, min(-(-batch_size // shards), per_shard))
   steps = -(-per_shard // per_device)
+  starts = np.minimum(np.arange(steps) * per_device, per_shard - per_device)
+  # Slots past row n (the last device's padding) read row n - 1; their outputs are
+  # written as zeros (_write_fn) or not at all (spill.Writer).
+  plan = _padded_plan(indices, starts, shards, per_device, per_shard)
   sharding = mesh_lib.rows_sharding(mesh)
+  blocks = pipeline.local_blocks(NamedSharding(mesh, P(mesh_lib.DATA_AXES)), plan.shape[1:])
   image_shape = tuple(source.image_shape)
   buffers = {} if sink else {k: layout.zeros(mesh, (shards * per_shard, d), dtype)
                              for k, d in out_dims.items()}
   write = _write_fn(mesh, per_shard, n)
   report = logs.progress(f"{name}: {n} images", steps)
+
+  def finish(start: int, result: dict, done: int) -> None:
+    """A step's outputs are computed: hand them on, report ``done`` steps."""
+    jax.block_until_ready(result)
+    if sink:
+      sink(start, result)
+    report(done)
+    if on_batch is not None:
+      on_batch(done)
+
   previous = None
-  for step in range(steps):
-    start = min(step * per_device, per_shard - per_device)
-
-    def images(index, start=start):
-      rows = np.arange(shards * per_device)[index[0]]  # this device's slots in the batch
-      shard, slot = rows // per_device, rows % per_device
-      position = shard * per_shard + start + slot
-      valid = position < n
-      out = np.zeros((len(rows),) + image_shape, image_dtype)
-      if valid.any():
-        out[valid] = source.images(indices[position[valid]])
-      return out
-
-    batch = jax.make_array_from_callback((shards * per_device,) + image_shape, sharding,
-                                         images)
-    result = fn(batch)
-    position = jax.device_put(np.int32(start), mesh_lib.replicated(mesh))
-    buffers = {k: write(buffers[k], result[k], position) for k in buffers}
-    if previous is not None:  # one step in flight: report work done, not dispatched
-      jax.block_until_ready(previous)
-      if sink:
-        sink(*previous_start)
-      report(step)
-      if on_batch is not None:
-        on_batch(step)
-    previous, previous_start = result, (start, result)
-  jax.block_until_ready(previous)
-  if sink:
-    sink(*previous_start)
-  report(steps)
-  if on_batch is not None:
-    on_batch(steps)
+  feed = decode.batches(source, plan, blocks)
+  with contextlib.closing(feed):
+    for step, (start, local) in enumerate(zip(starts, feed)):
+      decoded = {block[0].start: images[0].astype(image_dtype, copy=False)
+                 for block, images in zip(blocks, local)}
+      batch = jax.make_array_from_callback(
+          (shards * per_device,) + image_shape, sharding,
+          lambda index, decoded=decoded: decoded[(index[0].start or 0) // per_device])
+      result = fn(batch)
+      position = jax.device_put(np.int32(start), mesh_lib.replicated(mesh))
+      buffers = {k: write(buffers[k], result[k], position) for k in buffers}
+      if previous is not None:  # one step in flight: report work done, not dispatched
+        finish(*previous, step)
+      previous = (int(start), result)
+  finish(*previous, steps)
   return {k: Rows(v, n) for k, v in buffers.items()}
 
 
@@ -299,8 +313,8 @@ def extract_rows(module, variables, source, *, mesh: Mesh | None = None,
                  image_size: int | None = None,
                  batch_size: int = 512, layers: str | Sequence[str] = (),
                  indices: np.ndarray | None = None, pooling_rule: str = "adaptive",
-                 max_dim: int = 10_000, on_batch=None,
-                 name: str = "extract features") -> dict[str, Rows]:
+                 max_dim: int = 10_000, on_batch=None, name: str = "extract features",
+                 decode: pipeline.Decode = pipeline.Decode()) -> dict[str, Rows]:
   """Eval-mode features of ``source`` (or ``source[indices]``), left on the devices.
 
   The outputs of :func:`extract_features`, each as float32 :class:`Rows` split over
@@ -313,12 +327,13 @@ def extract_rows(module, variables, source, *, mesh: Mesh | None = None,
       module, variables, source, image_size=image_size, batch_size=batch_size, layers=layers,
       indices=indices, pooling_rule=pooling_rule, max_dim=max_dim, mesh=mesh, name=name)
   return map_rows(fn, source, indices, batch_size=batch_size, out_dims=out_dims, mesh=mesh,
-                  name=name, on_batch=on_batch)
+                  name=name, on_batch=on_batch, decode=decode)
 
 
 def spill_rows(fn: Callable[[jax.Array], dict[str, jax.Array]], source, indices: np.ndarray,
                directory: str, *, output: str, batch_size: int, out_dims: dict[str, int],
-               mesh: Mesh, name: str = "extract", on_batch=None) -> spill.Spilled:
+               mesh: Mesh, name: str = "extract", on_batch=None,
+               decode: pipeline.Decode = pipeline.Decode()) -> spill.Spilled:
   """:func:`map_rows`' ``output`` written to ``directory`` as it comes (cluster/spill.py).
 
   For features over the memory budget: each process writes the blocks of its own
@@ -328,28 +343,30 @@ def spill_rows(fn: Callable[[jax.Array], dict[str, jax.Array]], source, indices:
   spill.clear(directory)
   writer = spill.Writer(directory, len(indices), out_dims[output], mesh)
   map_rows(fn, source, indices, batch_size=batch_size, out_dims={output: out_dims[output]},
-           mesh=mesh, name=name, on_batch=on_batch,
+           mesh=mesh, name=name, on_batch=on_batch, decode=decode,
            sink=lambda start, outputs: writer.write(start, outputs[output]))
   return writer.close()
 
 
 def spill_features(module, variables, source, directory: str, *, mesh: Mesh | None = None,
                    image_size: int | None = None, batch_size: int = 512,
-                   on_batch=None, name: str = "extract features") -> spill.Spilled:
+                   on_batch=None, name: str = "extract features",
+                   decode: pipeline.Decode = pipeline.Decode()) -> spill.Spilled:
   """The ``'features'`` of :func:`extract_rows`, spilled to ``directory`` (:func:`spill_rows`)."""
   mesh = mesh_lib.make_mesh() if mesh is None else mesh
   indices, batch_size, out_dims, fn = _prepare(
       module, variables, source, image_size=image_size, batch_size=batch_size, layers=(),
       indices=None, pooling_rule="adaptive", max_dim=10_000, mesh=mesh, name=name)
   return spill_rows(fn, source, indices, directory, output=FEATURES, batch_size=batch_size,
-                    out_dims=out_dims, mesh=mesh, name=name, on_batch=on_batch)
+                    out_dims=out_dims, mesh=mesh, name=name, on_batch=on_batch, decode=decode)
 
 
 def extract_features(module, variables, source, *, image_size: int | None = None,
                      batch_size: int = 512, layers: str | Sequence[str] = (),
                      indices: np.ndarray | None = None, pooling_rule: str = "adaptive",
                      max_dim: int = 10_000, dtype=np.float32, mesh: Mesh | None = None,
-                     on_batch=None, name: str = "extract features") -> dict[str, np.ndarray]:
+                     on_batch=None, name: str = "extract features",
+                     decode: pipeline.Decode = pipeline.Decode()) -> dict[str, np.ndarray]:
   """Eval-mode features of ``source`` (or of ``source[indices]``), as numpy.
 
   Returns ``{'features': [N, D]}`` plus each requested block or conv layer
@@ -359,15 +376,16 @@ def extract_features(module, variables, source, *, image_size: int | None = None
   every process. With a ``mesh``, :func:`extract_rows` (each device its own rows,
   ``batch_size`` rounded up to a multiple of the device count) then a gather to every
   process; without, batches on one device of each process (:func:`map_batches`).
+  ``decode``: how images are decoded (data/pipeline.py; default: in this thread).
   """
   if mesh is not None:
     rows = extract_rows(module, variables, source, mesh=mesh, image_size=image_size,
                         batch_size=batch_size, layers=layers, indices=indices,
                         pooling_rule=pooling_rule, max_dim=max_dim, on_batch=on_batch,
-                        name=name)
+                        name=name, decode=decode)
     return {k: v.to_numpy().astype(dtype, copy=False) for k, v in rows.items()}
   indices, batch_size, out_dims, fn = _prepare(
       module, variables, source, image_size=image_size, batch_size=batch_size, layers=layers,
       indices=indices, pooling_rule=pooling_rule, max_dim=max_dim, mesh=None, name=name)
   return map_batches(fn, source, indices, batch_size=batch_size, out_dims=out_dims,
-                     dtype=dtype, name=name, on_batch=on_batch)
+                     dtype=dtype, name=name, on_batch=on_batch, decode=decode)

@@ -25,6 +25,8 @@ import gc
 import os
 import shutil
 import sys
+import tempfile
+import time
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -49,6 +51,21 @@ class Restored(NamedTuple):
 def abstract_like(tree) -> Any:
   """Shape/dtype/sharding skeleton of a pytree of arrays, for restoring into."""
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+_CLOSED_LOOP_LINES = ("Traceback (most recent call last):", "asyncio/base_events.py",
+                      "self._check_closed()", "raise RuntimeError('Event loop is closed')",
+                      "RuntimeError: Event loop is closed")
+
+
+def _without_closed_loop_tracebacks(text: str) -> str:
+  """``text`` without the lines of "Event loop is closed" tracebacks (interleaved, as
+  several threads print them at once); other lines are kept (a traceback printed
+  meanwhile would lose its "Traceback" header line, not its frames or message)."""
+  if "RuntimeError: Event loop is closed" not in text:
+    return text
+  return "".join(line for line in text.splitlines(keepends=True)
+                 if not any(part in line for part in _CLOSED_LOOP_LINES))
 
 
 def _quiet_orbax_read_coroutines() -> None:
@@ -116,12 +133,29 @@ class Checkpointer:
     "Exception ignored" tracebacks when they are collected, which can be long after the
     restore (Orbax's event loop may hold them); the failure itself is reported once, by
     ``restore``. From the first restore on, those reports, and only those, are logged at
-    debug level; every other unraisable goes to the previous hook."""
+    debug level; every other unraisable goes to the previous hook. Reads still in
+    flight when Orbax closes its event loop print "Event loop is closed" tracebacks from
+    TensorStore's threads straight to file descriptor 2; while a restore runs, that
+    descriptor goes to a file, replayed without them once the reads have settled."""
     _quiet_orbax_read_coroutines()
-    try:
-      yield
-    finally:
-      gc.collect()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+      os.dup2(captured.fileno(), 2)
+      try:
+        yield
+      except Exception:
+        time.sleep(0.5)  # let the aborted reads finish (local files: milliseconds)
+        raise
+      finally:
+        gc.collect()
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        captured.seek(0)
+        sys.stderr.write(_without_closed_loop_tracebacks(captured.read().decode(
+            errors="replace")))
+        sys.stderr.flush()
 
   def _restore_one(self, index: int, template_for: Callable[[dict], Any]) -> Restored:
     progress = self.manager.restore(index, args=ocp.args.Composite(

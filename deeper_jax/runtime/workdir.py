@@ -40,11 +40,12 @@ RESUME_FIELDS = ("seed", "data", "model", "method", "clustering", "train.batch_s
                  "train.epochs_per_cycle", "train.learning_rate", "train.momentum",
                  "train.weight_decay", "train.crop", "train.crop_scale", "train.crop_ratio",
                  "train.crop_pad", "train.init_from")
-# Fields of `data` that only say where or how to find (or how fast to decode) the same
-# images: the input pipeline's workers give the same batches, bit for bit.
-DATA_LOCATION_FIELDS = ("data.data_dir", "data.download", "data.eval_dir",
-                        "data.max_eval_images", "data.workers", "data.worker_kind",
-                        "data.prefetch")
+# Fields of those that only say where to find the same images, or how to decode them
+# or hold their features: the input pipeline's workers give the same batches, and
+# spilled features the same clusters, bit for bit (a resume may change them).
+HOW_FIELDS = ("data.data_dir", "data.download", "data.eval_dir", "data.max_eval_images",
+              "data.workers", "data.worker_kind", "data.prefetch",
+              "clustering.memory_budget_gb")
 
 
 def write_json(path: str, payload: dict) -> None:
@@ -138,7 +139,7 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     old = _flatten(field, _select(saved, field), {})
     new = _flatten(field, _select(current, field), {})
     for key in sorted(set(old) | set(new)):
-      if key in DATA_LOCATION_FIELDS:
+      if key in HOW_FIELDS:
         continue
       if old.get(key) != new.get(key):
         diffs.append(f"{key}: {old.get(key)!r} in the workdir, {new.get(key)!r} now")

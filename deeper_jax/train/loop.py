@@ -46,26 +46,6 @@ from deeper_jax.train import state as state_lib
 from deeper_jax.train import step as step_lib
 
 
-def _block_key(index: tuple, shape: tuple) -> tuple:
-  """A device's index over the ``[S, b]`` plan as hashable ``((start, stop), (start, stop))``."""
-  return tuple(index[axis].indices(shape[axis])[:2] for axis in range(2))
-
-
-def local_blocks(sharding, plan_shape: tuple) -> list[tuple[slice, slice]]:
-  """The distinct ``[S, b]`` index blocks of this process's devices, in device order.
-
-  What the input pipeline decodes for this process: a block two devices share (a
-  replicated axis) is read once.
-  """
-  shape = tuple(plan_shape)[:2]
-  keys = []
-  for index in sharding.addressable_devices_indices_map(shape).values():
-    key = _block_key(index, shape)
-    if key not in keys:
-      keys.append(key)
-  return [(slice(*rows), slice(*cols)) for rows, cols in keys]
-
-
 def device_batch(source, indices: np.ndarray, sub_labels: np.ndarray,
                  shardings: dict, local: list[np.ndarray] | None = None) -> dict:
   """The global batch ``[S, b, ...]`` as sharded arrays, each host reading only its part.
@@ -73,19 +53,20 @@ def device_batch(source, indices: np.ndarray, sub_labels: np.ndarray,
   ``make_array_from_callback`` asks for the shards of this process's devices only, so
   on a multi-host mesh every process decodes just the images its devices train on.
   ``local``: those images already decoded by the input pipeline, one array per block
-  of ``local_blocks(shardings['images'], indices.shape)``; ``None`` reads them here.
+  of ``pipeline.local_blocks(shardings['images'], indices.shape)``; ``None`` reads them here.
   """
   image_shape = tuple(source.image_shape)
   if local is not None:
-    blocks = local_blocks(shardings["images"], indices.shape)
+    blocks = pipeline.local_blocks(shardings["images"], indices.shape)
     if len(blocks) != len(local):
       raise ValueError(f"device_batch got {len(local)} prefetched blocks for the "
                        f"{len(blocks)} blocks of this process's devices.")
-    decoded = {_block_key(block, indices.shape): images for block, images in zip(blocks, local)}
+    decoded = {pipeline.block_key(block, indices.shape): images
+               for block, images in zip(blocks, local)}
 
   def images(index):
     if local is not None:
-      return decoded[_block_key(index, indices.shape)]
+      return decoded[pipeline.block_key(index, indices.shape)]
     rows = indices[index[:2]]
     return source.images(rows.reshape(-1)).reshape(rows.shape + image_shape)
 
@@ -240,10 +221,9 @@ def _train_and_evaluate(config, workdir, model, datasets, item_ids, fingerprint,
                        len(plan))
           pending, first_pending = [], int(state.step)
           first = progress["step_in_epoch"]
-          feed = pipeline.batches(
-              train_source, plan, local_blocks(batch_shardings["images"], plan.shape[1:]),
-              start=first, workers=config.data.workers, kind=config.data.worker_kind,
-              prefetch=config.data.prefetch)
+          feed = pipeline.Decode.from_config(config).batches(
+              train_source, plan, pipeline.local_blocks(batch_shardings["images"],
+                                                        plan.shape[1:]), start=first)
           with contextlib.closing(feed):
             for i, local in zip(range(first, len(plan)), feed):
               batch = device_batch(train_source, plan[i], sub_labels, batch_shardings, local)
