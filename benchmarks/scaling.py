@@ -51,7 +51,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIDE, ITERS, REPEATS = 8, 8, 2
 FULL = {"n_values": (8192, 16384, 32768), "d": 1024, "k": 64, "processes": (1, 2)}
 QUICK = {"n_values": (1024, 2048), "d": 128, "k": 8, "processes": (1, 2)}
-TIME = {"n_values": (8192, 16384, 32768), "d": 1024, "k": 256, "side": 32, "channels": 3,
+TIME = {"n_values": (4096, 8192, 16384), "d": 1024, "k": 256, "side": 32, "channels": 3,
         "processes": (1, 2)}
 TIME_QUICK = {"n_values": (1024, 2048), "d": 128, "k": 16, "side": 16, "channels": 3,
               "processes": (1, 2)}
